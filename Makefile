@@ -1,0 +1,40 @@
+# kpgen: every target depends on setup, which installs what it needs (idempotent).
+VENV    := .venv
+PYTHON  := $(VENV)/bin/python
+KPGEN   := $(VENV)/bin/kpgen
+STAMP   := $(VENV)/.kpgen-installed
+SEED    := examples/seed-cluster.yaml
+SEED_NODE_FLAGS := --hostname-override k8s-worker01 --cluster-cidr 192.168.0.0/16
+
+.PHONY: setup test render golden bench lint clean
+
+setup: $(STAMP)
+
+# Debian's /usr/bin/python3 with --system-site-packages: the only Python that imports
+# python3-nftables (the libnftables binding).
+$(STAMP): pyproject.toml scripts/install-host-packages
+	scripts/install-host-packages
+	test -x $(PYTHON) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+test: setup
+	$(PYTHON) -m pytest -q
+
+render: setup
+	$(KPGEN) render -f $(SEED) $(SEED_NODE_FLAGS)
+
+# Regenerates tests/golden/ from tests/golden/cases.py; review the diff before committing.
+golden: setup
+	$(PYTHON) -m pytest -q tests/test_golden.py --update-golden
+
+bench: setup
+	$(PYTHON) bench/render_bench.py
+
+lint: setup
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check ruff mypy types-PyYAML
+	$(PYTHON) -m ruff check kpgen tests bench
+	$(PYTHON) -m mypy
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

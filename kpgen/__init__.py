@@ -1,0 +1,1 @@
+"""kpgen: a kube-proxy written in Python."""

@@ -1,0 +1,172 @@
+"""The ``kpgen`` command line.
+
+Every command reads its inputs, runs the pure pipeline (load, parse, plan, render) and writes
+text. Problems with single objects are reported on stderr and the rest goes on; input that
+cannot be read at all exits 2 with one line. No traceback reaches the user.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from kpgen.load import InputError, load_documents
+from kpgen.node import PRIMARY, ConfigError, NodeConfig, NodeFlags, ProxyMode, node_config
+from kpgen.parse import ParseResult, parse_documents
+from kpgen.render import render
+
+F = TypeVar("F", bound=Callable[..., Any])
+EXIT_INPUT = 2
+
+
+def _fail(message: str) -> None:
+    click.echo(f"kpgen: error: {message}", err=True)
+    sys.exit(EXIT_INPUT)
+
+
+def node_options(command: F) -> F:
+    """The node settings every command shares, under kube-proxy's flag names."""
+    options = [
+        click.option(
+            "-f",
+            "--filename",
+            "sources",
+            multiple=True,
+            required=True,
+            metavar="FILE|DIR|-",
+            help="Manifests (YAML or JSON; - for stdin). Repeatable.",
+        ),
+        click.option(
+            "--proxy-mode",
+            type=click.Choice([m.value for m in ProxyMode]),
+            help="Which rules to make.  [default: nftables]",
+        ),
+        click.option(
+            "--hostname-override",
+            metavar="NAME",
+            help="This node's name: endpoints with this nodeName are local. [default: host name]",
+        ),
+        click.option(
+            "--cluster-cidr",
+            multiple=True,
+            metavar="CIDR",
+            help="The pods' range: ClusterIP traffic from outside it is masqueraded. Repeatable.",
+        ),
+        click.option(
+            "--masquerade-all",
+            is_flag=True,
+            default=None,
+            help="Masquerade all traffic to ClusterIPs.",
+        ),
+        click.option(
+            "--nodeport-addresses",
+            multiple=True,
+            metavar=f"CIDR|{PRIMARY}",
+            help="Node addresses that answer NodePorts. [default: every local address but loopback]",
+        ),
+        click.option(
+            "--node-ip",
+            multiple=True,
+            metavar="IP",
+            help=f"This node's primary address (for --nodeport-addresses {PRIMARY}). Repeatable.",
+        ),
+        click.option(
+            "--service-cidr",
+            multiple=True,
+            metavar="CIDR",
+            help="The ClusterIP range. Repeatable.",
+        ),
+        click.option(
+            "--config",
+            "config_file",
+            metavar="FILE",
+            help="A KubeProxyConfiguration (kubeproxy.config.k8s.io/v1alpha1); flags override it.",
+        ),
+        click.option("-v", "--verbose", count=True, help="Also say what was skipped, and why."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _read_inputs(sources: tuple[str, ...], verbose: int) -> ParseResult:
+    try:
+        documents = load_documents(list(sources))
+    except InputError as error:
+        _fail(str(error))
+    result = parse_documents(documents)
+    for problem in result.problems:
+        click.echo(f"kpgen: warning: {problem}", err=True)
+    for kind, count in sorted(result.ignored.items()):
+        click.echo(f"kpgen: note: ignored {count} object(s) of kind {kind}", err=True)
+    if verbose:
+        for skipped in result.skipped:
+            click.echo(f"kpgen: note: {skipped}", err=True)
+    return result
+
+
+def _node(options: dict[str, Any]) -> NodeConfig:
+    flags = NodeFlags(
+        mode=options["proxy_mode"],
+        hostname=options["hostname_override"],
+        cluster_cidrs=options["cluster_cidr"],
+        masquerade_all=options["masquerade_all"],
+        nodeport_addresses=options["nodeport_addresses"],
+        node_ips=options["node_ip"],
+        service_cidrs=options["service_cidr"],
+    )
+    try:
+        return node_config(flags, options["config_file"])
+    except ConfigError as error:
+        _fail(str(error))
+        raise  # unreachable: _fail exits
+
+
+def _no_traceback(command: F) -> F:
+    """Turn an unexpected exception into one line on stderr (exit 1)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (click.exceptions.Exit, click.ClickException, SystemExit, KeyboardInterrupt):
+            raise
+        except BrokenPipeError:
+            sys.exit(0)
+        except Exception as error:  # noqa: BLE001 - the last line of defence
+            click.echo(f"kpgen: internal error: {type(error).__name__}: {error}", err=True)
+            click.echo("kpgen: please report this with the input that caused it", err=True)
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="kpgen")
+def main() -> None:
+    """kpgen: a kube-proxy written in Python.
+
+    It turns Services and EndpointSlices into the node's service NAT rules (ClusterIP,
+    NodePort, externalIPs, LoadBalancer IPs), for nftables or iptables.
+    """
+
+
+@main.command("render")
+@node_options
+@_no_traceback
+def render_command(sources: tuple[str, ...], verbose: int, **options: Any) -> None:
+    """Print the rules this node would load, without touching it.
+
+    \b
+    Examples:
+      kpgen render -f examples/seed-cluster.yaml --hostname-override k8s-worker01 \\
+          --cluster-cidr 192.168.0.0/16
+      kubectl get svc,endpointslices -A -o yaml | kpgen render -f -
+    """
+    node = _node(options)
+    result = _read_inputs(sources, verbose)
+    click.echo(render(result.state, node), nl=False)

@@ -1,0 +1,171 @@
+"""Typed reads of untrusted manifest data, each failure naming the field it came from.
+
+A :class:`Field` wraps one value of a decoded manifest together with its path
+(``spec.ports[0].port``). Its readers either return a validated Python value or raise
+:class:`Invalid`, which carries that path, so that a problem can always be reported as
+``namespace/name: field: problem``. Command-line flags and the KubeProxyConfiguration file use
+the same value parsers (:func:`parse_ip`, :func:`parse_cidr`), so a value is valid or not the
+same way wherever it comes from.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from kpgen.model import IPAddress, IPNetwork
+
+# RFC 1123 label (namespaces, port names) and RFC 1035 label (service names), as the API
+# validates them. Only names that pass these ever reach rule text.
+DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+DNS1123_SUBDOMAIN = re.compile(
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+)
+LABEL_MAX = 63
+SUBDOMAIN_MAX = 253
+
+
+class Invalid(ValueError):
+    """A value that failed validation, with the path of the field that held it."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+def _show(value: Any) -> str:
+    """A short, safe rendering of a bad value for a message."""
+    text = repr(value) if not isinstance(value, str) else f'"{value}"'
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def parse_ip(text: Any) -> IPAddress:
+    """An IPv4 or IPv6 address, written as kube-proxy accepts it (no zone, no prefix)."""
+    if not isinstance(text, str):
+        raise ValueError(f"{_show(text)} is not an IP address")
+    try:
+        address = ipaddress.ip_address(text.strip())
+    except ValueError:
+        raise ValueError(f"{_show(text)} is not an IP address") from None
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
+        raise ValueError(f"{_show(text)} has a zone; a service address may not")
+    return address
+
+
+def parse_cidr(text: Any) -> IPNetwork:
+    """A CIDR (``10.0.0.0/8``); host bits are cleared, as Go's ``net.ParseCIDR`` does."""
+    if not isinstance(text, str) or "/" not in text:
+        raise ValueError(f"{_show(text)} is not a CIDR (address/prefix-length)")
+    address, _, prefix = text.strip().partition("/")
+    try:
+        parse_ip(address)
+        if not prefix.isdigit():
+            raise ValueError
+        return ipaddress.ip_network(f"{address}/{prefix}", strict=False)
+    except ValueError:
+        raise ValueError(f"{_show(text)} is not a CIDR (address/prefix-length)") from None
+
+
+def parse_port(value: Any, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{_show(value)} is not a port number")
+    if not low <= value <= 65535:
+        raise ValueError(f"{value} is out of range {low}-65535")
+    return value
+
+
+class Field:
+    """One value of a decoded manifest and the path it was found at."""
+
+    __slots__ = ("value", "path")
+
+    def __init__(self, value: Any, path: str = "") -> None:
+        self.value = value
+        self.path = path
+
+    def _child_path(self, key: str | int) -> str:
+        if isinstance(key, int):
+            return f"{self.path}[{key}]"
+        return f"{self.path}.{key}" if self.path else key
+
+    def invalid(self, problem: str) -> Invalid:
+        return Invalid(self.path or "(document)", problem)
+
+    def mapping(self) -> dict[str, Any]:
+        if not isinstance(self.value, dict):
+            raise self.invalid(f"must be a mapping, not {type(self.value).__name__}")
+        return self.value
+
+    def get(self, key: str) -> Field | None:
+        """The field ``key`` of this mapping, or None when it is absent or null."""
+        value = self.mapping().get(key)
+        return None if value is None else Field(value, self._child_path(key))
+
+    def __getitem__(self, key: str) -> Field:
+        field = self.get(key)
+        if field is None:
+            raise Invalid(self._child_path(key), "required field is missing")
+        return field
+
+    def items(self) -> Iterator[Field]:
+        """The entries of this list."""
+        if not isinstance(self.value, list):
+            raise self.invalid(f"must be a list, not {type(self.value).__name__}")
+        return (Field(v, self._child_path(i)) for i, v in enumerate(self.value))
+
+    def string(self) -> str:
+        if not isinstance(self.value, str):
+            raise self.invalid(f"{_show(self.value)} is not a string")
+        return self.value
+
+    def boolean(self) -> bool:
+        if not isinstance(self.value, bool):
+            raise self.invalid(f"{_show(self.value)} is not true or false")
+        return self.value
+
+    def integer(self, low: int, high: int) -> int:
+        value = self.value
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.invalid(f"{_show(value)} is not an integer")
+        if not low <= value <= high:
+            raise self.invalid(f"{value} is out of range {low}-{high}")
+        return value
+
+    def port(self) -> int:
+        return self._parsed(parse_port)
+
+    def ip(self) -> IPAddress:
+        return self._parsed(parse_ip)
+
+    def cidr(self) -> IPNetwork:
+        return self._parsed(parse_cidr)
+
+    def _parsed(self, parser: Any) -> Any:
+        try:
+            return parser(self.value)
+        except ValueError as error:
+            raise self.invalid(str(error)) from None
+
+    def name(self, pattern: re.Pattern[str] = DNS1123_LABEL, limit: int = LABEL_MAX) -> str:
+        """A Kubernetes name, checked against ``pattern`` (a DNS label by default)."""
+        text = self.string()
+        if len(text) > limit or not pattern.match(text):
+            kind = {
+                DNS1035_LABEL.pattern: "an RFC 1035 label",
+                DNS1123_SUBDOMAIN.pattern: "an RFC 1123 subdomain",
+            }.get(pattern.pattern, "an RFC 1123 label")
+            raise self.invalid(f"{_show(text)} is not {kind} (lower case, at most {limit})")
+        return text
+
+    def choice(self, enum_type: Any) -> Any:
+        """A member of ``enum_type``, by its API spelling."""
+        text = self.string()
+        try:
+            return enum_type(text)
+        except ValueError:
+            allowed = ", ".join(member.value for member in enum_type)
+            raise self.invalid(f"{_show(text)} is not one of {allowed}") from None

@@ -1,0 +1,33 @@
+"""Names of kpgen's chains, sets and maps: stable, so the same input renders the same text.
+
+nftables names are readable (``service-default/node-port/tcp/8080``): the nft scanner accepts
+``/`` in names, and validated Kubernetes names keep them well under nft's 256-character limit.
+iptables names are limited to 28 characters, so, like kube-proxy's, they carry a hash of what
+they stand for (``KPGEN-SVC-`` + 16 base32 characters of its SHA-256).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+
+from kpgen.plan import Backend, PortPlan
+
+NFT_TABLE = "kpgen"
+IPT_PREFIX = "KPGEN-"
+
+
+def nft_chain(kind: str, port: PortPlan) -> str:
+    """``service-…`` (balances over endpoints) or ``external-…`` (masquerades, then balances)."""
+    return f"{kind}-{port.key}"
+
+
+def _hash(text: str) -> str:
+    digest = hashlib.sha256(text.encode()).digest()
+    return base64.b32encode(digest).decode()[:16]
+
+
+def ipt_chain(kind: str, port: PortPlan, backend: Backend | None = None) -> str:
+    """``KPGEN-SVC-``, ``KPGEN-EXT-`` or (with ``backend``) ``KPGEN-SEP-`` + a hash."""
+    what = port.key if backend is None else f"{port.key}/{backend.address}/{backend.port}"
+    return f"{IPT_PREFIX}{kind}-{_hash(what)}"

@@ -1,0 +1,373 @@
+"""Decoded API objects in, a validated :class:`~kpgen.model.ClusterState` out.
+
+This is the edge where untrusted data becomes typed values. A bad object is reported as a
+:class:`Problem` (``namespace/name: field: problem``) and left out; everything else goes on.
+Objects that kube-proxy deliberately does not program (headless, ExternalName, another proxy's
+services, FQDN slices) are left out as :class:`Skipped`, which is not an error.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kpgen.fields import DNS1035_LABEL, DNS1123_SUBDOMAIN, SUBDOMAIN_MAX, Field, Invalid
+from kpgen.model import (
+    DEFAULT_AFFINITY_TIMEOUT,
+    SERVICE_NAME_LABEL,
+    SERVICE_PROXY_NAME_LABEL,
+    ClusterState,
+    Endpoint,
+    EndpointConditions,
+    EndpointPort,
+    EndpointSlice,
+    IPAddress,
+    IPFamily,
+    ObjectRef,
+    Protocol,
+    Service,
+    ServicePort,
+    ServiceType,
+    SessionAffinity,
+    TrafficPolicy,
+)
+
+SERVICE_API = ("v1", "Service")
+SLICE_API = ("discovery.k8s.io/v1", "EndpointSlice")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A bad object, left out of the rules."""
+
+    ref: str
+    kind: str
+    field: str
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.ref}: {self.field}: {self.problem} ({self.kind} skipped)"
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """An object kube-proxy leaves alone too, and why."""
+
+    ref: str
+    kind: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.ref}: {self.kind} not proxied: {self.reason}"
+
+
+@dataclass
+class ParseResult:
+    state: ClusterState
+    problems: list[Problem] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    ignored: Counter[str] = field(default_factory=Counter)
+
+
+class _Skip(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _ref(meta: Field, kind: str) -> ObjectRef:
+    if kind == "Service":
+        name = meta["name"].name(DNS1035_LABEL)
+    else:
+        name = meta["name"].name(DNS1123_SUBDOMAIN, SUBDOMAIN_MAX)
+    namespace = meta.get("namespace")
+    return ObjectRef(namespace.name() if namespace else "default", name)
+
+
+def _labels(meta: Field) -> Mapping[str, Any]:
+    labels = meta.get("labels")
+    return labels.mapping() if labels else {}
+
+
+def _display_ref(doc: Mapping[str, Any]) -> str:
+    """namespace/name of a document as well as it can be read, for a message."""
+    meta = doc.get("metadata")
+    if not isinstance(meta, dict):
+        return "(no metadata)"
+    namespace, name = meta.get("namespace") or "default", meta.get("name") or "(no name)"
+    return f"{namespace}/{name}"[:140]
+
+
+# --- Services ---------------------------------------------------------------------------
+
+
+def _service_ports(spec: Field, service_type: ServiceType) -> tuple[ServicePort, ...]:
+    ports_field = spec["ports"]
+    entries = list(ports_field.items())
+    if not entries:
+        raise ports_field.invalid("a service needs at least one port")
+    seen_names: set[str] = set()
+    seen_ports: set[tuple[Protocol, int]] = set()
+    ports = []
+    for entry in entries:
+        name_field = entry.get("name")
+        name = name_field.name() if name_field else ""
+        if len(entries) > 1 and not name:
+            raise Invalid(f"{entry.path}.name", "required when a service has several ports")
+        if name in seen_names:
+            raise Invalid(f"{entry.path}.name", f'"{name}" is used by another port')
+        seen_names.add(name)
+        protocol_field = entry.get("protocol")
+        protocol = protocol_field.choice(Protocol) if protocol_field else Protocol.TCP
+        port = entry["port"].port()
+        if (protocol, port) in seen_ports:
+            raise Invalid(f"{entry.path}.port", f"{port}/{protocol.value} is used by another port")
+        seen_ports.add((protocol, port))
+        node_port_field = entry.get("nodePort")
+        node_port = node_port_field.port() if node_port_field else None
+        if node_port is not None and service_type is ServiceType.CLUSTER_IP:
+            raise Invalid(f"{entry.path}.nodePort", "may not be set on a ClusterIP service")
+        ports.append(ServicePort(name, protocol, port, node_port))
+    return tuple(ports)
+
+
+def _addresses(spec: Field | None, key: str) -> tuple[IPAddress, ...]:
+    values = spec.get(key) if spec else None
+    if values is None:
+        return ()
+    return tuple(dict.fromkeys(entry.ip() for entry in values.items()))
+
+
+def _cluster_ips(spec: Field) -> tuple[IPAddress, ...]:
+    listed = spec.get("clusterIPs")
+    single = spec.get("clusterIP")
+    raw = [f.value for f in listed.items()] if listed else ([single.value] if single else [])
+    if not raw:
+        raise Invalid(f"{spec.path}.clusterIP", "required field is missing")
+    if "None" in raw:
+        raise _Skip("headless (clusterIP: None)")
+    if listed and single and single.value != raw[0]:
+        raise Invalid(f"{spec.path}.clusterIPs[0]", "must equal spec.clusterIP")
+    ips = _addresses(spec, "clusterIPs") if listed else (single.ip(),) if single else ()
+    families = [IPFamily.of(ip) for ip in ips]
+    if len(set(families)) != len(families):
+        raise Invalid(f"{spec.path}.clusterIPs", "at most one address per IP family")
+    return ips
+
+
+def _load_balancer_ips(doc: Field) -> tuple[IPAddress, ...]:
+    status = doc.get("status")
+    balancer = status.get("loadBalancer") if status else None
+    ingress = balancer.get("ingress") if balancer else None
+    if ingress is None:
+        return ()
+    ips = []
+    for entry in ingress.items():
+        ip = entry.get("ip")
+        mode = entry.get("ipMode")
+        # ipMode Proxy: the load balancer must not be short-circuited (KEP-1860).
+        if ip is not None and not (mode is not None and mode.string() == "Proxy"):
+            ips.append(ip.ip())
+    return tuple(dict.fromkeys(ips))
+
+
+def parse_service(doc: Field) -> Service:
+    meta = doc["metadata"]
+    ref = _ref(meta, "Service")
+    if SERVICE_PROXY_NAME_LABEL in _labels(meta):
+        raise _Skip(f"labelled {SERVICE_PROXY_NAME_LABEL}: another proxy serves it")
+    spec = doc["spec"]
+    type_field = spec.get("type")
+    service_type = type_field.choice(ServiceType) if type_field else ServiceType.CLUSTER_IP
+    if service_type is ServiceType.EXTERNAL_NAME:
+        raise _Skip("type ExternalName")
+    cluster_ips = _cluster_ips(spec)
+    ports = _service_ports(spec, service_type)
+
+    def policy(key: str) -> TrafficPolicy:
+        value = spec.get(key)
+        return value.choice(TrafficPolicy) if value else TrafficPolicy.CLUSTER
+
+    affinity_field = spec.get("sessionAffinity")
+    affinity = affinity_field.choice(SessionAffinity) if affinity_field else SessionAffinity.NONE
+    timeout = DEFAULT_AFFINITY_TIMEOUT
+    config = spec.get("sessionAffinityConfig")
+    client_ip = config.get("clientIP") if config else None
+    timeout_field = client_ip.get("timeoutSeconds") if client_ip else None
+    if timeout_field is not None:
+        timeout = timeout_field.integer(1, 86400)
+    health_field = spec.get("healthCheckNodePort")
+    distribution = spec.get("trafficDistribution")
+    ranges = spec.get("loadBalancerSourceRanges")
+    created = meta.get("creationTimestamp")
+    return Service(
+        ref=ref,
+        type=service_type,
+        cluster_ips=cluster_ips,
+        ports=ports,
+        external_ips=_addresses(spec, "externalIPs"),
+        load_balancer_ips=_load_balancer_ips(doc),
+        load_balancer_source_ranges=tuple(r.cidr() for r in ranges.items()) if ranges else (),
+        external_traffic_policy=policy("externalTrafficPolicy"),
+        internal_traffic_policy=policy("internalTrafficPolicy"),
+        health_check_node_port=health_field.port() if health_field else None,
+        session_affinity=affinity,
+        affinity_timeout=timeout,
+        traffic_distribution=distribution.string() if distribution else None,
+        creation_timestamp=str(created.value) if created else None,
+    )
+
+
+# --- EndpointSlices ---------------------------------------------------------------------
+
+
+def _conditions(entry: Field) -> EndpointConditions:
+    conditions = entry.get("conditions")
+    if conditions is None:
+        return EndpointConditions()
+
+    def flag(key: str) -> bool | None:
+        value = conditions.get(key)
+        return value.boolean() if value else None
+
+    return EndpointConditions(flag("ready"), flag("serving"), flag("terminating"))
+
+
+def _hints(entry: Field, key: str) -> tuple[str, ...] | None:
+    hints = entry.get("hints")
+    listed = hints.get(key) if hints else None
+    if listed is None:
+        return None
+    return tuple(item["name"].string() for item in listed.items())
+
+
+def _endpoint(entry: Field, family: IPFamily) -> Endpoint:
+    addresses = list(entry["addresses"].items())
+    if not addresses:
+        raise Invalid(f"{entry.path}.addresses", "needs at least one address")
+    address = addresses[0].ip()
+    if IPFamily.of(address) is not family:
+        raise addresses[0].invalid(f"{address} is not an {family.value} address")
+    node = entry.get("nodeName")
+    zone = entry.get("zone")
+    return Endpoint(
+        address=address,
+        conditions=_conditions(entry),
+        node_name=node.name(DNS1123_SUBDOMAIN, SUBDOMAIN_MAX) if node else None,
+        zone=zone.string() if zone else None,
+        hints_for_zones=_hints(entry, "forZones"),
+        hints_for_nodes=_hints(entry, "forNodes"),
+    )
+
+
+def _endpoint_port(entry: Field) -> EndpointPort:
+    name = entry.get("name")
+    protocol = entry.get("protocol")
+    port = entry.get("port")
+    return EndpointPort(
+        name=name.name() if name else "",
+        protocol=protocol.choice(Protocol) if protocol else Protocol.TCP,
+        port=port.port() if port else None,
+    )
+
+
+def parse_slice(doc: Field) -> EndpointSlice:
+    meta = doc["metadata"]
+    ref = _ref(meta, "EndpointSlice")
+    service_name = _labels(meta).get(SERVICE_NAME_LABEL)
+    if service_name is None:
+        raise _Skip(f"no {SERVICE_NAME_LABEL} label: it belongs to no Service")
+    service = Field(service_name, f"metadata.labels.{SERVICE_NAME_LABEL}").name(DNS1035_LABEL)
+    address_type = doc["addressType"].string()
+    if address_type == "FQDN":
+        raise _Skip("addressType FQDN")
+    family = doc["addressType"].choice(IPFamily)
+    ports = doc.get("ports")
+    endpoints = doc.get("endpoints")
+    return EndpointSlice(
+        ref=ref,
+        service=ObjectRef(ref.namespace, service),
+        family=family,
+        ports=tuple(_endpoint_port(p) for p in ports.items()) if ports else (),
+        endpoints=tuple(_endpoint(e, family) for e in endpoints.items()) if endpoints else (),
+    )
+
+
+# --- Documents --------------------------------------------------------------------------
+
+_PARSERS = {SERVICE_API: parse_service, SLICE_API: parse_slice}
+
+
+def _conflicts(services: list[Service], problems: list[Problem]) -> list[Service]:
+    """Keep the first service (oldest, then by name) of any that claim the same address.
+
+    Two services may not share a NodePort, nor an address, protocol and port: the API
+    server prevents it, but a set of manifests may not have been through one.
+    """
+
+    def age(service: Service) -> tuple[bool, str, ObjectRef]:
+        stamp = service.creation_timestamp
+        return (stamp is None, stamp or "", service.ref)
+
+    owners: dict[tuple[Any, ...], ObjectRef] = {}
+    kept = []
+    for service in sorted(services, key=age):
+        claims: dict[tuple[Any, ...], str] = {}
+        for i, port in enumerate(service.ports):
+            path = f"spec.ports[{i}]"
+            if port.node_port is not None:
+                claims[("nodePort", port.protocol, port.node_port)] = f"{path}.nodePort"
+            addresses = (*service.cluster_ips, *service.external_ips, *service.load_balancer_ips)
+            for address in addresses:
+                claims.setdefault(("address", address, port.protocol, port.port), f"{path}.port")
+        clash = next(((k, p) for k, p in claims.items() if k in owners), None)
+        if clash is not None:
+            key, path = clash
+            what = (
+                f"nodePort {key[2]}/{key[1].value}"
+                if key[0] == "nodePort"
+                else f"{key[1]}:{key[3]}/{key[2].value}"
+            )
+            problems.append(
+                Problem(str(service.ref), "Service", path, f"{what} is already used by {owners[key]}")
+            )
+            continue
+        owners.update(dict.fromkeys(claims, service.ref))
+        kept.append(service)
+    return kept
+
+
+def parse_documents(documents: Iterable[Mapping[str, Any]]) -> ParseResult:
+    """Turn decoded API objects into a :class:`ClusterState`; bad objects become problems.
+
+    Objects of other kinds are counted in ``ignored``. Of two objects with one kind and
+    namespace/name, the later one wins, as a later ``kubectl apply`` would.
+    """
+    result = ParseResult(ClusterState())
+    parsed: dict[tuple[str, ObjectRef], Service | EndpointSlice] = {}
+    for doc in documents:
+        api = (doc.get("apiVersion"), doc.get("kind"))
+        parser = _PARSERS.get(api)  # type: ignore[call-overload]
+        if parser is None:
+            result.ignored[f"{api[1] or '(no kind)'} ({api[0] or 'no apiVersion'})"] += 1
+            continue
+        kind = api[1]
+        try:
+            obj = parser(Field(doc))
+        except _Skip as skip:
+            result.skipped.append(Skipped(_display_ref(doc), kind, skip.reason))
+            continue
+        except Invalid as error:
+            result.problems.append(Problem(_display_ref(doc), kind, error.field, error.problem))
+            continue
+        parsed[(kind, obj.ref)] = obj
+    services = [o for o in parsed.values() if isinstance(o, Service)]
+    slices = [o for o in parsed.values() if isinstance(o, EndpointSlice)]
+    services = _conflicts(services, result.problems)
+    result.state = ClusterState(
+        services=tuple(sorted(services, key=lambda s: s.ref)),
+        slices=tuple(sorted(slices, key=lambda s: s.ref)),
+    )
+    return result

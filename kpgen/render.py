@@ -1,0 +1,108 @@
+"""The plan spelled out as rule text, through the jinja2 templates in ``templates/``.
+
+Rendering is a pure function: the same cluster state and node settings give byte-identical
+text. Only validated, typed values reach the templates (addresses, ports, enums and names that
+passed the API's own name rules), so no rule text is ever built from an unchecked string.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from importlib.resources import files
+
+import jinja2
+
+from kpgen import names
+from kpgen.model import ClusterState, IPAddress, IPFamily
+from kpgen.node import NodeConfig, ProxyMode
+from kpgen.plan import FamilyPlan, build_plan
+
+TEMPLATES = {ProxyMode.NFTABLES: "nftables.nft.j2", ProxyMode.IPTABLES: "iptables.rules.j2"}
+FAMILIES = (IPFamily.V4,)
+
+
+@dataclass(frozen=True)
+class IptablesJump:
+    """A rule in a built-in chain that leads into kpgen's chains."""
+
+    table: str
+    chain: str
+    spec: str
+
+    @property
+    def insert_rule(self) -> str:
+        return f"-I {self.chain} {self.spec}"
+
+
+def _jump(table: str, chain: str, comment: str, target: str, new_only: bool = False) -> IptablesJump:
+    state = "-m conntrack --ctstate NEW " if new_only else ""
+    spec = f'{state}-m comment --comment "{comment}" -j {names.IPT_PREFIX}{target}'
+    return IptablesJump(table, chain, spec)
+
+
+IPTABLES_JUMPS = (
+    _jump("nat", "PREROUTING", "kpgen service portals", "SERVICES"),
+    _jump("nat", "OUTPUT", "kpgen service portals", "SERVICES"),
+    _jump("nat", "POSTROUTING", "kpgen postrouting rules", "POSTROUTING"),
+    _jump("filter", "INPUT", "kpgen external services", "EXTERNAL-SERVICES", new_only=True),
+    _jump("filter", "FORWARD", "kpgen service portals", "SERVICES", new_only=True),
+    _jump("filter", "FORWARD", "kpgen external services", "EXTERNAL-SERVICES", new_only=True),
+    _jump("filter", "OUTPUT", "kpgen service portals", "SERVICES", new_only=True),
+)
+
+
+def _host(address: IPAddress) -> str:
+    """An address as a one-host network (``10.0.0.1/32``), as iptables writes it."""
+    return f"{address}/{address.max_prefixlen}"
+
+
+def _hostport(address: IPAddress, port: int) -> str:
+    return f"{address}:{port}" if address.version == 4 else f"[{address}]:{port}"
+
+
+def _hairpin(address: IPAddress) -> str:
+    return f"{address} . {address}"
+
+
+def _load_template(name: str) -> str:
+    return files("kpgen.templates").joinpath(name).read_text(encoding="utf-8")
+
+
+@cache
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FunctionLoader(_load_template),
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        extensions=["jinja2.ext.do"],
+    )
+    env.filters.update(host=_host, hostport=_hostport, hairpin=_hairpin)
+    env.globals.update(
+        nft_chain=names.nft_chain,
+        ipt_chain=names.ipt_chain,
+        table=names.NFT_TABLE,
+        prefix=names.IPT_PREFIX,
+        jumps=IPTABLES_JUMPS,
+    )
+    return env
+
+
+def render_plan(plan: FamilyPlan, mode: ProxyMode, *, with_jumps: bool = True) -> str:
+    """One family's rules: an nft table, or iptables-restore input.
+
+    ``with_jumps``: for iptables, also insert the jumps from the built-in chains (right for a
+    fresh ruleset; an applier that re-applies ensures them itself).
+    """
+    template = _environment().get_template(TEMPLATES[mode])
+    return template.render(plan=plan, with_jumps=with_jumps)
+
+
+def render(state: ClusterState, node: NodeConfig) -> str:
+    """The node's rules in its proxy mode, every family's in turn."""
+    return "".join(
+        render_plan(build_plan(state, node, family), node.mode) for family in FAMILIES
+    )
