@@ -66,7 +66,7 @@ def node_options(command: F) -> F:
             "--nodeport-addresses",
             multiple=True,
             metavar=f"CIDR|{PRIMARY}",
-            help="Node addresses that answer NodePorts. [default: every local address but loopback]",
+            help="Node addresses that answer NodePorts.  [default: all local but loopback]",
         ),
         click.option(
             "--node-ip",
@@ -137,7 +137,7 @@ def _no_traceback(command: F) -> F:
             raise
         except BrokenPipeError:
             sys.exit(0)
-        except Exception as error:  # noqa: BLE001 - the last line of defence
+        except Exception as error:  # the last line of defence
             click.echo(f"kpgen: internal error: {type(error).__name__}: {error}", err=True)
             click.echo("kpgen: please report this with the input that caused it", err=True)
             sys.exit(1)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 from kpgen.model import IPAddress, IPNetwork
 
@@ -21,9 +21,8 @@ from kpgen.model import IPAddress, IPNetwork
 # validates them. Only names that pass these ever reach rule text.
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-DNS1123_SUBDOMAIN = re.compile(
-    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-)
+DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+T = TypeVar("T")
 LABEL_MAX = 63
 SUBDOMAIN_MAX = 253
 
@@ -81,7 +80,7 @@ def parse_port(value: Any, low: int = 1) -> int:
 class Field:
     """One value of a decoded manifest and the path it was found at."""
 
-    __slots__ = ("value", "path")
+    __slots__ = ("path", "value")
 
     def __init__(self, value: Any, path: str = "") -> None:
         self.value = value
@@ -144,7 +143,7 @@ class Field:
     def cidr(self) -> IPNetwork:
         return self._parsed(parse_cidr)
 
-    def _parsed(self, parser: Any) -> Any:
+    def _parsed(self, parser: Callable[[Any], T]) -> T:
         try:
             return parser(self.value)
         except ValueError as error:

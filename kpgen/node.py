@@ -160,7 +160,9 @@ def node_config(flags: NodeFlags, config_file: str | None = None) -> NodeConfig:
         mode=mode,
         cluster_cidrs=_values("--cluster-cidr", cidr_values, parse_cidr),
         masquerade_all=bool(pick("masquerade_all")),
-        nodeport_cidrs=() if primary else _values("--nodeport-addresses", nodeport_values, parse_cidr),
+        nodeport_cidrs=()
+        if primary
+        else _values("--nodeport-addresses", nodeport_values, parse_cidr),
         nodeport_primary=primary,
         node_ips=node_ips,
         service_cidrs=_values("--service-cidr", pick("service_cidrs"), parse_cidr),

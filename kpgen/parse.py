@@ -9,7 +9,7 @@ services, FQDN slices) are left out as :class:`Skipped`, which is not an error.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -297,7 +297,10 @@ def parse_slice(doc: Field) -> EndpointSlice:
 
 # --- Documents --------------------------------------------------------------------------
 
-_PARSERS = {SERVICE_API: parse_service, SLICE_API: parse_slice}
+_PARSERS: dict[tuple[Any, Any], Callable[[Field], Service | EndpointSlice]] = {
+    SERVICE_API: parse_service,
+    SLICE_API: parse_slice,
+}
 
 
 def _conflicts(services: list[Service], problems: list[Problem]) -> list[Service]:
@@ -330,9 +333,8 @@ def _conflicts(services: list[Service], problems: list[Problem]) -> list[Service
                 if key[0] == "nodePort"
                 else f"{key[1]}:{key[3]}/{key[2].value}"
             )
-            problems.append(
-                Problem(str(service.ref), "Service", path, f"{what} is already used by {owners[key]}")
-            )
+            problem = f"{what} is already used by {owners[key]}"
+            problems.append(Problem(str(service.ref), "Service", path, problem))
             continue
         owners.update(dict.fromkeys(claims, service.ref))
         kept.append(service)
@@ -349,11 +351,11 @@ def parse_documents(documents: Iterable[Mapping[str, Any]]) -> ParseResult:
     parsed: dict[tuple[str, ObjectRef], Service | EndpointSlice] = {}
     for doc in documents:
         api = (doc.get("apiVersion"), doc.get("kind"))
-        parser = _PARSERS.get(api)  # type: ignore[call-overload]
+        parser = _PARSERS.get(api) if api in _PARSERS else None
         if parser is None:
             result.ignored[f"{api[1] or '(no kind)'} ({api[0] or 'no apiVersion'})"] += 1
             continue
-        kind = api[1]
+        kind = str(api[1])
         try:
             obj = parser(Field(doc))
         except _Skip as skip:

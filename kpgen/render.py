@@ -35,7 +35,9 @@ class IptablesJump:
         return f"-I {self.chain} {self.spec}"
 
 
-def _jump(table: str, chain: str, comment: str, target: str, new_only: bool = False) -> IptablesJump:
+def _jump(
+    table: str, chain: str, comment: str, target: str, new_only: bool = False
+) -> IptablesJump:
     state = "-m conntrack --ctstate NEW " if new_only else ""
     spec = f'{state}-m comment --comment "{comment}" -j {names.IPT_PREFIX}{target}'
     return IptablesJump(table, chain, spec)
@@ -103,6 +105,4 @@ def render_plan(plan: FamilyPlan, mode: ProxyMode, *, with_jumps: bool = True) -
 
 def render(state: ClusterState, node: NodeConfig) -> str:
     """The node's rules in its proxy mode, every family's in turn."""
-    return "".join(
-        render_plan(build_plan(state, node, family), node.mode) for family in FAMILIES
-    )
+    return "".join(render_plan(build_plan(state, node, family), node.mode) for family in FAMILIES)
