@@ -78,6 +78,7 @@ class FamilyPlan:
     masquerade_all: bool
     masquerade_mark: int
     nodeport_networks: tuple[IPNetwork, ...] | None
+    service_cidrs: tuple[IPNetwork, ...] = ()
 
     @property
     def served(self) -> tuple[PortPlan, ...]:
@@ -88,6 +89,11 @@ class FamilyPlan:
     def unserved(self) -> tuple[PortPlan, ...]:
         """Service ports without endpoints: they reject."""
         return tuple(p for p in self.ports if not p.endpoints)
+
+    @property
+    def cluster_ips(self) -> tuple[IPAddress, ...]:
+        """Every ClusterIP, served or not."""
+        return tuple(sorted({p.cluster_ip for p in self.ports}))
 
     @property
     def hairpin_addresses(self) -> tuple[IPAddress, ...]:
@@ -149,6 +155,7 @@ def build_plan(state: ClusterState, node: NodeConfig, family: IPFamily) -> Famil
         masquerade_all=node.masquerade_all,
         masquerade_mark=node.masquerade_mark,
         nodeport_networks=node.nodeport_networks(family),
+        service_cidrs=tuple(n for n in node.service_cidrs if IPFamily.of(n) is family),
     )
 
 
