@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 
 from kpgen.plan import Backend, PortPlan
 
 NFT_TABLE = "kpgen"
 IPT_PREFIX = "KPGEN-"
+_IPT_CHAIN = re.compile(r"^KPGEN-[A-Z0-9-]{1,22}$")
 
 
 def nft_chain(kind: str, port: PortPlan) -> str:
@@ -31,3 +33,8 @@ def ipt_chain(kind: str, port: PortPlan, backend: Backend | None = None) -> str:
     """``KPGEN-SVC-``, ``KPGEN-EXT-`` or (with ``backend``) ``KPGEN-SEP-`` + a hash."""
     what = port.key if backend is None else f"{port.key}/{backend.address}/{backend.port}"
     return f"{IPT_PREFIX}{kind}-{_hash(what)}"
+
+
+def is_ipt_chain(name: str) -> bool:
+    """Whether ``name`` (read back from the kernel) is one of kpgen's iptables chains."""
+    return bool(_IPT_CHAIN.match(name))

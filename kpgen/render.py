@@ -7,6 +7,7 @@ passed the API's own name rules), so no rule text is ever built from an unchecke
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from importlib.resources import files
@@ -88,19 +89,26 @@ def _environment() -> jinja2.Environment:
         ipt_chain=names.ipt_chain,
         table=names.NFT_TABLE,
         prefix=names.IPT_PREFIX,
-        jumps=IPTABLES_JUMPS,
     )
     return env
 
 
-def render_plan(plan: FamilyPlan, mode: ProxyMode, *, with_jumps: bool = True) -> str:
+def render_plan(
+    plan: FamilyPlan,
+    mode: ProxyMode,
+    *,
+    insert_jumps: tuple[IptablesJump, ...] = IPTABLES_JUMPS,
+    delete_chains: Mapping[str, tuple[str, ...]] | None = None,
+) -> str:
     """One family's rules: an nft table, or iptables-restore input.
 
-    ``with_jumps``: for iptables, also insert the jumps from the built-in chains (right for a
-    fresh ruleset; an applier that re-applies ensures them itself).
+    For iptables, ``insert_jumps`` are the jumps from built-in chains to insert (all of them
+    for a fresh ruleset; an applier passes only the missing ones) and ``delete_chains`` the
+    stale chains of ours, per table, to flush and delete. Chain names must be validated by
+    the caller (:func:`kpgen.names.is_ipt_chain`).
     """
     template = _environment().get_template(TEMPLATES[mode])
-    return template.render(plan=plan, with_jumps=with_jumps)
+    return template.render(plan=plan, insert_jumps=insert_jumps, delete_chains=delete_chains or {})
 
 
 def render(state: ClusterState, node: NodeConfig) -> str:
