@@ -14,9 +14,12 @@ from typing import Any, TypeVar
 
 import click
 
+from kpgen.apply import ApplyError, apply_plans, cleanup
 from kpgen.load import InputError, load_documents
+from kpgen.model import IPFamily
 from kpgen.node import PRIMARY, ConfigError, NodeConfig, NodeFlags, ProxyMode, node_config
 from kpgen.parse import ParseResult, parse_documents
+from kpgen.plan import build_plans
 from kpgen.render import render
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -170,3 +173,60 @@ def render_command(sources: tuple[str, ...], verbose: int, **options: Any) -> No
     node = _node(options)
     result = _read_inputs(sources, verbose)
     click.echo(render(result.state, node), nl=False)
+
+
+@main.command("apply")
+@node_options
+@click.option("--check", is_flag=True, help="Let the kernel validate the rules; change nothing.")
+@click.option(
+    "--iptables-backend",
+    type=click.Choice(["auto", "nft", "legacy"]),
+    default="auto",
+    show_default=True,
+    help="Which iptables (iptables mode): auto picks the one that already holds rules.",
+)
+@_no_traceback
+def apply_command(
+    sources: tuple[str, ...], verbose: int, check: bool, iptables_backend: str, **options: Any
+) -> None:
+    """Load the rules into this network namespace, atomically.
+
+    The rules kpgen loaded before are replaced in one kernel transaction; the other proxy
+    mode's rules are removed. If the kernel refuses the rules, nothing changes.
+    """
+    node = _node(options)
+    result = _read_inputs(sources, verbose)
+    try:
+        summary = apply_plans(
+            build_plans(result.state, node),
+            node.mode,
+            check=check,
+            iptables_variant=iptables_backend,
+        )
+    except ApplyError as error:
+        click.echo(f"kpgen: the rules were not loaded: {error}", err=True)
+        sys.exit(1)
+    click.echo(f"kpgen: {summary}", err=True)
+
+
+@main.command("cleanup")
+@click.option(
+    "--proxy-mode",
+    type=click.Choice([*(m.value for m in ProxyMode), "all"]),
+    default="all",
+    show_default=True,
+    help="Whose rules to remove.",
+)
+@_no_traceback
+def cleanup_command(proxy_mode: str) -> None:
+    """Remove every rule, chain and table kpgen created here, and nothing else."""
+    modes = list(ProxyMode) if proxy_mode == "all" else [ProxyMode(proxy_mode)]
+    try:
+        removed = cleanup(modes, list(IPFamily))
+    except ApplyError as error:
+        click.echo(f"kpgen: cleanup failed: {error}", err=True)
+        sys.exit(1)
+    for item in removed:
+        click.echo(f"removed {item}")
+    if not removed:
+        click.echo("nothing of kpgen's to remove", err=True)

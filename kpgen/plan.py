@@ -136,6 +136,14 @@ def _family_addresses(addresses: tuple[IPAddress, ...], family: IPFamily) -> tup
     return tuple(a for a in addresses if IPFamily.of(a) is family)
 
 
+FAMILIES = (IPFamily.V4,)
+
+
+def build_plans(state: ClusterState, node: NodeConfig) -> tuple[FamilyPlan, ...]:
+    """The plan of every IP family the node serves (IPv4 for now)."""
+    return tuple(build_plan(state, node, family) for family in FAMILIES)
+
+
 def build_plan(state: ClusterState, node: NodeConfig, family: IPFamily) -> FamilyPlan:
     """The plan of ``family``'s rules on ``node`` for the cluster ``state``."""
     slices_of: dict[ObjectRef, list[EndpointSlice]] = defaultdict(list)

@@ -15,12 +15,11 @@ from importlib.resources import files
 import jinja2
 
 from kpgen import names
-from kpgen.model import ClusterState, IPAddress, IPFamily
+from kpgen.model import ClusterState, IPAddress
 from kpgen.node import NodeConfig, ProxyMode
-from kpgen.plan import FamilyPlan, build_plan
+from kpgen.plan import FamilyPlan, build_plans
 
 TEMPLATES = {ProxyMode.NFTABLES: "nftables.nft.j2", ProxyMode.IPTABLES: "iptables.rules.j2"}
-FAMILIES = (IPFamily.V4,)
 
 
 @dataclass(frozen=True)
@@ -113,4 +112,4 @@ def render_plan(
 
 def render(state: ClusterState, node: NodeConfig) -> str:
     """The node's rules in its proxy mode, every family's in turn."""
-    return "".join(render_plan(build_plan(state, node, family), node.mode) for family in FAMILIES)
+    return "".join(render_plan(plan, node.mode) for plan in build_plans(state, node))
