@@ -278,14 +278,14 @@ def apply_plans(
         for plan in plans:
             Iptables(variant, plan.family).apply(plan, check=check)
             if not check:  # the other variant's hooks would see the packets too
-                for other in iptables_variants():
-                    if other != variant:
-                        Iptables(other, plan.family).cleanup()
+                for stale in iptables_variants():
+                    if stale != variant:
+                        Iptables(stale, plan.family).cleanup()
         done = f"iptables-{variant}"
     if check:
         return f"{done}: the kernel accepts the rules (nothing was changed)"
-    other = ProxyMode.IPTABLES if mode is ProxyMode.NFTABLES else ProxyMode.NFTABLES
-    removed = cleanup([other], families)
-    note = f"; removed the {other.value} rules" if removed else ""
+    other_mode = ProxyMode.IPTABLES if mode is ProxyMode.NFTABLES else ProxyMode.NFTABLES
+    removed = cleanup([other_mode], families)
+    note = f"; removed the {other_mode.value} rules" if removed else ""
     services = sum(len(p.ports) for p in plans)
     return f"{done}: loaded rules for {services} service ports{note}"
