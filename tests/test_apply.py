@@ -1,0 +1,197 @@
+"""kpgen apply, apply --check and cleanup against the real kernel, in throwaway namespaces."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import kernel
+import pytest
+
+from kpgen.apply import with_context
+
+ROOT = Path(__file__).resolve().parent.parent
+SEED = str(ROOT / "examples" / "seed-cluster.yaml")
+SEED_FLAGS = ["--hostname-override", "k8s-worker01", "--cluster-cidr", "192.168.0.0/16"]
+
+pytestmark = kernel.kernel
+
+
+@pytest.fixture
+def ns() -> Iterator[str]:
+    with kernel.netns() as name:
+        yield name
+
+
+def run_in(ns: str, *argv: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    assert ns.startswith(kernel.PREFIX)
+    return subprocess.run(
+        ["ip", "netns", "exec", ns, *argv],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def kpgen(ns: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return run_in(ns, sys.executable, "-m", "kpgen", *args)
+
+
+def nft_ruleset(ns: str) -> str:
+    return run_in(ns, "nft", "list", "ruleset").stdout
+
+
+def iptables_save(ns: str, variant: str = "nft") -> str:
+    return run_in(ns, f"iptables-{variant}-save").stdout
+
+
+def without_service(tmp_path: Path, name: str) -> str:
+    """The seed cluster without one service and its slice."""
+    import yaml
+
+    cluster = yaml.safe_load(Path(SEED).read_text())
+    cluster["items"] = [
+        item
+        for item in cluster["items"]
+        if item["metadata"]["name"] != name
+        and item["metadata"].get("labels", {}).get("kubernetes.io/service-name") != name
+    ]
+    path = tmp_path / f"without-{name}.yaml"
+    path.write_text(yaml.safe_dump(cluster))
+    return str(path)
+
+
+def test_apply_loads_the_nftables_table_and_reapplying_changes_nothing(ns: str) -> None:
+    first = kpgen(ns, "apply", "-f", SEED, *SEED_FLAGS)
+    assert first.returncode == 0, first.stderr
+    loaded = nft_ruleset(ns)
+    assert "table ip kpgen" in loaded
+    assert "tcp . 30001 : goto external-default/node-port/tcp/8080" in loaded
+    assert kpgen(ns, "apply", "-f", SEED, *SEED_FLAGS).returncode == 0
+    assert nft_ruleset(ns) == loaded
+
+
+def test_apply_check_validates_without_loading_anything(ns: str) -> None:
+    for mode in ("nftables", "iptables"):
+        result = kpgen(ns, "apply", "--check", "--proxy-mode", mode, "-f", SEED, *SEED_FLAGS)
+        assert result.returncode == 0, result.stderr
+        assert "the kernel accepts the rules" in result.stderr
+    assert "kpgen" not in nft_ruleset(ns)
+    assert "KPGEN" not in iptables_save(ns)
+
+
+def test_iptables_reapply_keeps_one_jump_per_builtin_chain(ns: str) -> None:
+    for _ in range(3):
+        result = kpgen(ns, "apply", "--proxy-mode", "iptables", "-f", SEED, *SEED_FLAGS)
+        assert result.returncode == 0, result.stderr
+    tables = {
+        section.split("\n", 1)[0]: section for section in iptables_save(ns).split("\n*")[1:]
+    }
+    for table, chain, target in [
+        ("nat", "PREROUTING", "KPGEN-SERVICES"),
+        ("nat", "OUTPUT", "KPGEN-SERVICES"),
+        ("nat", "POSTROUTING", "KPGEN-POSTROUTING"),
+        ("filter", "INPUT", "KPGEN-EXTERNAL-SERVICES"),
+        ("filter", "FORWARD", "KPGEN-SERVICES"),
+        ("filter", "FORWARD", "KPGEN-EXTERNAL-SERVICES"),
+        ("filter", "OUTPUT", "KPGEN-SERVICES"),
+    ]:
+        jumps = [ln for ln in tables[table].splitlines() if ln.startswith(f"-A {chain} ")]
+        assert sum(ln.endswith(f"-j {target}") for ln in jumps) == 1, (table, chain, jumps)
+
+
+@pytest.mark.parametrize("variant", ["nft", "legacy"])
+def test_iptables_reapply_deletes_the_chains_of_a_removed_service(
+    ns: str, tmp_path: Path, variant: str
+) -> None:
+    args = ["apply", "--proxy-mode", "iptables", "--iptables-backend", variant, *SEED_FLAGS]
+    assert kpgen(ns, *args, "-f", SEED).returncode == 0
+    before = iptables_save(ns, variant)
+    assert "default/node-port:node-port" in before
+    result = kpgen(ns, *args, "-f", without_service(tmp_path, "node-port"))
+    assert result.returncode == 0, result.stderr
+    after = iptables_save(ns, variant)
+    assert "default/node-port" not in after
+    assert after.count(":KPGEN-SVC-") == before.count(":KPGEN-SVC-") - 1
+    assert after.count(":KPGEN-SEP-") == before.count(":KPGEN-SEP-") - 2
+
+
+def test_switching_modes_removes_the_other_modes_rules(ns: str) -> None:
+    assert kpgen(ns, "apply", "-f", SEED, *SEED_FLAGS).returncode == 0
+    to_iptables = kpgen(ns, "apply", "--proxy-mode", "iptables", "-f", SEED, *SEED_FLAGS)
+    assert to_iptables.returncode == 0, to_iptables.stderr
+    assert "table ip kpgen" not in nft_ruleset(ns)
+    assert ":KPGEN-SERVICES" in iptables_save(ns)
+    assert kpgen(ns, "apply", "-f", SEED, *SEED_FLAGS).returncode == 0
+    assert "KPGEN" not in iptables_save(ns)
+    assert "table ip kpgen" in nft_ruleset(ns)
+
+
+FOREIGN_NFT = "table ip foreign {\n\tchain keep {\n\t\tip daddr 10.9.9.9 drop\n\t}\n}\n"
+
+
+def test_cleanup_removes_everything_of_kpgen_and_nothing_else(ns: str) -> None:
+    assert run_in(ns, "nft", "-f", "-", stdin=FOREIGN_NFT).returncode == 0
+    assert run_in(ns, "iptables", "-t", "nat", "-N", "FOREIGN").returncode == 0
+    assert run_in(ns, "iptables", "-t", "nat", "-A", "PREROUTING", "-j", "FOREIGN").returncode == 0
+    assert kpgen(ns, "apply", "--proxy-mode", "iptables", "-f", SEED, *SEED_FLAGS).returncode == 0
+    assert kpgen(ns, "apply", "--proxy-mode", "iptables", "--iptables-backend", "legacy",
+                 "-f", SEED, *SEED_FLAGS).returncode == 0  # fmt: skip
+    assert kpgen(ns, "apply", "-f", SEED, *SEED_FLAGS).returncode == 0
+    result = kpgen(ns, "cleanup")
+    assert result.returncode == 0, result.stderr
+    assert "removed nft table ip kpgen" in result.stdout
+    ruleset = nft_ruleset(ns)
+    assert "kpgen" not in ruleset
+    assert "ip daddr 10.9.9.9 drop" in ruleset
+    saved = iptables_save(ns) + iptables_save(ns, "legacy")
+    assert "KPGEN" not in saved
+    assert ":FOREIGN - [0:0]" in saved
+    assert "-A PREROUTING -j FOREIGN" in saved
+    again = kpgen(ns, "cleanup")
+    assert again.returncode == 0
+    assert "nothing of kpgen's to remove" in again.stderr
+
+
+REJECTED = textwrap.dedent(
+    """
+    import sys
+    from kpgen.apply import ApplyError, Nftables
+    from kpgen.model import IPFamily
+    bad = "table ip kpgen {\\n\\tchain a {\\n\\t\\tjump no-such-chain\\n\\t}\\n}\\n"
+    try:
+        Nftables(use_binding=sys.argv[1] == "binding").apply({IPFamily.V4: bad})
+    except ApplyError as error:
+        print(error)
+        sys.exit(3)
+    """
+)
+
+
+@pytest.mark.parametrize("via", ["binding", "nft"])
+def test_a_rejected_load_names_the_line_and_leaves_the_previous_rules(ns: str, via: str) -> None:
+    assert kpgen(ns, "apply", "-f", SEED, *SEED_FLAGS).returncode == 0
+    before = nft_ruleset(ns)
+    result = run_in(ns, sys.executable, "-c", REJECTED, via)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "no-such-chain" in result.stdout
+    assert ">     5 | \t\tjump no-such-chain" in result.stdout
+    assert nft_ruleset(ns) == before
+
+
+def test_with_context_shows_the_named_line_and_its_neighbours() -> None:
+    text = "".join(f"line {n}\n" for n in range(1, 11))
+    shown = with_context("rules:6:1-4: Error: bad\n", text)
+    assert shown.splitlines() == [
+        "rules:6:1-4: Error: bad",
+        "      4 | line 4",
+        "      5 | line 5",
+        ">     6 | line 6",
+        "      7 | line 7",
+        "      8 | line 8",
+    ]
