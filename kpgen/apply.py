@@ -36,6 +36,11 @@ class ApplyError(Exception):
     """The kernel (or a tool) refused the rules; the previous rules are untouched."""
 
 
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise ApplyError("changing the node's rules needs root (CAP_NET_ADMIN)")
+
+
 def _run(argv: Sequence[str], text: str | None = None) -> subprocess.CompletedProcess[str]:
     """Run a netfilter tool; a missing tool is an ApplyError, not a traceback."""
     try:
@@ -247,6 +252,7 @@ def _split_spec(spec: str) -> list[str]:
 
 def cleanup(modes: Sequence[ProxyMode], families: Sequence[IPFamily]) -> list[str]:
     """Remove everything kpgen created in ``modes``; returns what was removed."""
+    require_root()
     removed = []
     if ProxyMode.NFTABLES in modes and shutil.which("nft"):
         removed += [f"nft table {t}" for t in Nftables().cleanup()]
@@ -266,8 +272,7 @@ def apply_plans(
     iptables_variant: str = "auto",
 ) -> str:
     """Load the plans' rules in ``mode`` and remove the other mode's; returns a summary."""
-    if os.geteuid() != 0:
-        raise ApplyError("loading rules needs root (CAP_NET_ADMIN)")
+    require_root()
     families = [plan.family for plan in plans]
     if mode is ProxyMode.NFTABLES:
         nft = Nftables()
