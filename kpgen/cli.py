@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import click
 
 from kpgen.apply import ApplyError, apply_plans, cleanup
+from kpgen.lab import lab_group
 from kpgen.load import InputError, load_documents
 from kpgen.model import IPFamily
 from kpgen.node import PRIMARY, ConfigError, NodeConfig, NodeFlags, ProxyMode, node_config
@@ -230,3 +231,6 @@ def cleanup_command(proxy_mode: str) -> None:
         click.echo(f"removed {item}")
     if not removed:
         click.echo("nothing of kpgen's to remove", err=True)
+
+
+main.add_command(lab_group)

@@ -36,29 +36,35 @@ class Invalid(ValueError):
         self.problem = problem
 
 
-def _show(value: Any) -> str:
+def printable(text: str, limit: int = 140) -> str:
+    """Untrusted text made safe for a one-line message: control characters escaped, cut short."""
+    if not text.isprintable():
+        text = text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def show(value: Any) -> str:
     """A short, safe rendering of a bad value for a message."""
-    text = repr(value) if not isinstance(value, str) else f'"{value}"'
-    return text if len(text) <= 60 else text[:57] + "..."
+    return printable(f'"{value}"' if isinstance(value, str) else repr(value), 60)
 
 
 def parse_ip(text: Any) -> IPAddress:
     """An IPv4 or IPv6 address, written as kube-proxy accepts it (no zone, no prefix)."""
     if not isinstance(text, str):
-        raise ValueError(f"{_show(text)} is not an IP address")
+        raise ValueError(f"{show(text)} is not an IP address")
     try:
         address = ipaddress.ip_address(text.strip())
     except ValueError:
-        raise ValueError(f"{_show(text)} is not an IP address") from None
+        raise ValueError(f"{show(text)} is not an IP address") from None
     if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
-        raise ValueError(f"{_show(text)} has a zone; a service address may not")
+        raise ValueError(f"{show(text)} has a zone; a service address may not")
     return address
 
 
 def parse_cidr(text: Any) -> IPNetwork:
     """A CIDR (``10.0.0.0/8``); host bits are cleared, as Go's ``net.ParseCIDR`` does."""
     if not isinstance(text, str) or "/" not in text:
-        raise ValueError(f"{_show(text)} is not a CIDR (address/prefix-length)")
+        raise ValueError(f"{show(text)} is not a CIDR (address/prefix-length)")
     address, _, prefix = text.strip().partition("/")
     try:
         parse_ip(address)
@@ -66,12 +72,12 @@ def parse_cidr(text: Any) -> IPNetwork:
             raise ValueError
         return ipaddress.ip_network(f"{address}/{prefix}", strict=False)
     except ValueError:
-        raise ValueError(f"{_show(text)} is not a CIDR (address/prefix-length)") from None
+        raise ValueError(f"{show(text)} is not a CIDR (address/prefix-length)") from None
 
 
 def parse_port(value: Any, low: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{_show(value)} is not a port number")
+        raise ValueError(f"{show(value)} is not a port number")
     if not low <= value <= 65535:
         raise ValueError(f"{value} is out of range {low}-65535")
     return value
@@ -118,18 +124,18 @@ class Field:
 
     def string(self) -> str:
         if not isinstance(self.value, str):
-            raise self.invalid(f"{_show(self.value)} is not a string")
+            raise self.invalid(f"{show(self.value)} is not a string")
         return self.value
 
     def boolean(self) -> bool:
         if not isinstance(self.value, bool):
-            raise self.invalid(f"{_show(self.value)} is not true or false")
+            raise self.invalid(f"{show(self.value)} is not true or false")
         return self.value
 
     def integer(self, low: int, high: int) -> int:
         value = self.value
         if isinstance(value, bool) or not isinstance(value, int):
-            raise self.invalid(f"{_show(value)} is not an integer")
+            raise self.invalid(f"{show(value)} is not an integer")
         if not low <= value <= high:
             raise self.invalid(f"{value} is out of range {low}-{high}")
         return value
@@ -157,7 +163,7 @@ class Field:
                 DNS1035_LABEL.pattern: "an RFC 1035 label",
                 DNS1123_SUBDOMAIN.pattern: "an RFC 1123 subdomain",
             }.get(pattern.pattern, "an RFC 1123 label")
-            raise self.invalid(f"{_show(text)} is not {kind} (lower case, at most {limit})")
+            raise self.invalid(f"{show(text)} is not {kind} (lower case, at most {limit})")
         return text
 
     def choice(self, enum_type: Any) -> Any:
@@ -167,4 +173,4 @@ class Field:
             return enum_type(text)
         except ValueError:
             allowed = ", ".join(member.value for member in enum_type)
-            raise self.invalid(f"{_show(text)} is not one of {allowed}") from None
+            raise self.invalid(f"{show(text)} is not one of {allowed}") from None

@@ -33,14 +33,24 @@ def _decode(text: str, source: str) -> Iterator[Any]:
     try:
         yield from list(yaml.load_all(text, Loader=_Loader))
     except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise InputError(f"{source}: invalid YAML{where}: {problem}") from None
+        raise InputError(f"{source}: invalid YAML{yaml_error(error)}") from None
 
 
-def _unwrap(doc: Any) -> Iterator[dict[str, Any]]:
+def yaml_error(error: yaml.YAMLError) -> str:
+    """Where and what, on one line: `` at line 3, column 5: <problem>``."""
+    mark = getattr(error, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return f"{where}: {problem}"
+
+
+def _unwrap(doc: Any) -> Iterator[Any]:
+    """The objects in a document; an empty document has none, a non-object is passed on for
+    the parser to count as ignored."""
+    if doc is None:
+        return
     if not isinstance(doc, dict):
+        yield doc
         return
     kind = doc.get("kind")
     if isinstance(kind, str) and kind.endswith("List") and isinstance(doc.get("items"), list):
@@ -53,27 +63,48 @@ def _unwrap(doc: Any) -> Iterator[dict[str, Any]]:
         yield doc
 
 
-def _files(source: str) -> Iterator[tuple[str, str]]:
-    path = Path(source)
+def _text(name: str, data: bytes) -> str:
     try:
-        if path.is_dir():
-            entries = sorted(p for p in path.iterdir() if p.suffix in MANIFEST_SUFFIXES)
-            for entry in entries:
-                yield str(entry), entry.read_text(encoding="utf-8")
-        else:
-            yield source, path.read_text(encoding="utf-8")
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"cannot read {name}: not UTF-8 text") from None
+
+
+def _read(path: Path) -> str:
+    try:
+        return _text(str(path), path.read_bytes())
+    except OSError as error:
+        raise InputError(f"cannot read {path}: {error.strerror or error}") from None
+
+
+def _files(source: str) -> Iterator[tuple[str, str]]:
+    """(name, text) of a file, or of a directory's manifest files (not recursive)."""
+    path = Path(source)
+    if not path.is_dir():
+        yield source, _read(path)
+        return
+    try:
+        entries = sorted(p for p in path.iterdir() if p.suffix in MANIFEST_SUFFIXES)
     except OSError as error:
         raise InputError(f"cannot read {source}: {error.strerror or error}") from None
-    except UnicodeDecodeError:
-        raise InputError(f"cannot read {source}: not UTF-8 text") from None
+    for entry in entries:
+        if entry.is_file():
+            yield str(entry), _read(entry)
 
 
-def load_documents(sources: list[str], stdin: TextIO | None = None) -> list[dict[str, Any]]:
+def _stdin(stream: TextIO) -> str:
+    binary = getattr(stream, "buffer", None)
+    if binary is not None:
+        return _text("<stdin>", binary.read())
+    return stream.read()
+
+
+def load_documents(sources: list[str], stdin: TextIO | None = None) -> list[Any]:
     """Every API object in ``sources`` (paths, directories, or "-" for standard input)."""
-    documents: list[dict[str, Any]] = []
+    documents: list[Any] = []
     for source in sources:
         if source == "-":
-            texts: Iterator[tuple[str, str]] = iter([("<stdin>", (stdin or sys.stdin).read())])
+            texts: Iterator[tuple[str, str]] = iter([("<stdin>", _stdin(stdin or sys.stdin))])
         else:
             texts = _files(source)
         for name, text in texts:

@@ -9,13 +9,22 @@ from __future__ import annotations
 import enum
 import ipaddress
 import socket
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
-from kpgen.fields import DNS1123_SUBDOMAIN, SUBDOMAIN_MAX, Field, Invalid, parse_cidr, parse_ip
+from kpgen.fields import (
+    DNS1123_SUBDOMAIN,
+    SUBDOMAIN_MAX,
+    Field,
+    Invalid,
+    parse_cidr,
+    parse_ip,
+    show,
+)
+from kpgen.load import yaml_error
 from kpgen.model import IPAddress, IPFamily, IPNetwork
 
 CONFIG_API = ("kubeproxy.config.k8s.io/v1alpha1", "KubeProxyConfiguration")
@@ -66,7 +75,8 @@ class NodeConfig:
 
 @dataclass(frozen=True)
 class NodeFlags:
-    """The node flags as given on the command line; None or empty: not given."""
+    """The node settings as given on the command line (or read from a config file);
+    None or empty: not given."""
 
     mode: str | None = None
     hostname: str | None = None
@@ -75,21 +85,43 @@ class NodeFlags:
     nodeport_addresses: Sequence[str] = ()
     node_ips: Sequence[str] = ()
     service_cidrs: Sequence[str] = ()
+    # A config file has masqueradeAll per mode section; which applies is known once flags
+    # have overridden the mode.
+    masquerade_all_by_mode: Mapping[str, bool] = field(default_factory=dict)
 
 
-def _values(flag: str, values: Sequence[str], parser: Any) -> tuple[Any, ...]:
+# Each setting's name as a flag and as a KubeProxyConfiguration field, for messages.
+SETTING_NAMES = {
+    "mode": ("--proxy-mode", "mode"),
+    "hostname": ("--hostname-override", "hostnameOverride"),
+    "cluster_cidrs": ("--cluster-cidr", "clusterCIDR"),
+    "masquerade_all": ("--masquerade-all", "masqueradeAll"),
+    "nodeport_addresses": ("--nodeport-addresses", "nodePortAddresses"),
+    "node_ips": ("--node-ip", "--node-ip"),
+    "service_cidrs": ("--service-cidr", "--service-cidr"),
+}
+
+
+def _values(where: str, values: Sequence[str], parser: Any) -> tuple[Any, ...]:
     parsed = []
     for value in values:
         try:
             parsed.append(parser(value))
         except ValueError as error:
-            raise ConfigError(f"{flag}: {error}") from None
+            raise ConfigError(f"{where}: {error}") from None
     return tuple(dict.fromkeys(parsed))
 
 
-def _split(value: str) -> list[str]:
-    """kube-proxy's comma-separated list flags (``--cluster-cidr a,b``)."""
-    return [part.strip() for part in value.split(",") if part.strip()]
+def _merged(networks: tuple[IPNetwork, ...]) -> tuple[IPNetwork, ...]:
+    """The same addresses with overlaps merged (nft's interval sets refuse overlaps)."""
+    v4 = [n for n in networks if isinstance(n, ipaddress.IPv4Network)]
+    v6 = [n for n in networks if isinstance(n, ipaddress.IPv6Network)]
+    return (*ipaddress.collapse_addresses(v4), *ipaddress.collapse_addresses(v6))
+
+
+def _split(values: Sequence[str]) -> list[str]:
+    """kube-proxy's comma-separated list values (``--cluster-cidr a,b``), flattened."""
+    return [part.strip() for value in values for part in value.split(",") if part.strip()]
 
 
 def read_config_file(path: str) -> NodeFlags:
@@ -99,71 +131,83 @@ def read_config_file(path: str) -> NodeFlags:
             doc = yaml.load(stream, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except OSError as error:
         raise ConfigError(f"--config: cannot read {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config: cannot read {path}: not UTF-8 text") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"--config: {path} is not valid YAML: {error}") from None
+        raise ConfigError(f"--config: {path} is not valid YAML{yaml_error(error)}") from None
     root = Field(doc)
     try:
         root.mapping()
-        api = (doc.get("apiVersion"), doc.get("kind"))
-        if api != CONFIG_API:
-            raise Invalid("kind", f"expected {CONFIG_API[1]} of {CONFIG_API[0]}, got {api[1]}")
+        for key, expected in zip(("apiVersion", "kind"), CONFIG_API, strict=True):
+            value = root.get(key)
+            if value is None or value.value != expected:
+                got = show(value.value) if value else "nothing"
+                raise Invalid(key, f"expected {expected}, got {got}")
         mode = root.get("mode")
-        mode_name = mode.string() if mode else None
-        masquerade_all = None
+        by_mode = {}
         for section in ("iptables", "nftables"):
             block = root.get(section)
             setting = block.get("masqueradeAll") if block else None
-            if setting is not None and (mode_name or "nftables") == section:
-                masquerade_all = setting.boolean()
+            if setting is not None:
+                by_mode[section] = setting.boolean()
         hostname = root.get("hostnameOverride")
         cidrs = root.get("clusterCIDR")
         nodeports = root.get("nodePortAddresses")
         return NodeFlags(
-            mode=mode_name or None,
+            mode=mode.string() or None if mode else None,
             hostname=hostname.string() if hostname else None,
-            cluster_cidrs=_split(cidrs.string()) if cidrs else (),
-            masquerade_all=masquerade_all,
+            cluster_cidrs=[cidrs.string()] if cidrs else (),
             nodeport_addresses=[f.string() for f in nodeports.items()] if nodeports else (),
+            masquerade_all_by_mode=by_mode,
         )
     except Invalid as error:
         raise ConfigError(f"--config: {path}: {error}") from None
 
 
 def node_config(flags: NodeFlags, config_file: str | None = None) -> NodeConfig:
-    """Validate the node settings; flags override the config file's values."""
+    """Validate the node settings; flags override the config file's values. A bad value is
+    reported under the flag, or the file and field, it came from."""
     base = read_config_file(config_file) if config_file else NodeFlags()
 
-    def pick(name: str) -> Any:
+    def pick(name: str) -> tuple[Any, str]:
+        flag, config_field = SETTING_NAMES[name]
         given = getattr(flags, name)
-        return given if given not in (None, (), []) else getattr(base, name)
+        if given not in (None, (), []):
+            return given, flag
+        return getattr(base, name), f"--config: {config_file}: {config_field}"
 
-    mode_name = pick("mode") or ProxyMode.NFTABLES.value
+    mode_name, where = pick("mode")
     try:
-        mode = ProxyMode(mode_name)
+        mode = ProxyMode(mode_name or ProxyMode.NFTABLES.value)
     except ValueError:
-        raise ConfigError(f"--proxy-mode: {mode_name!r} is not nftables or iptables") from None
-    hostname = (pick("hostname") or socket.gethostname()).strip().lower()
+        raise ConfigError(f"{where}: {show(mode_name)} is not nftables or iptables") from None
+    hostname, where = pick("hostname")
+    hostname = (hostname or socket.gethostname()).strip().lower()
     try:
-        Field(hostname, "--hostname-override").name(DNS1123_SUBDOMAIN, SUBDOMAIN_MAX)
+        Field(hostname, where).name(DNS1123_SUBDOMAIN, SUBDOMAIN_MAX)
     except Invalid as error:
         raise ConfigError(str(error)) from None
-    nodeport_values = [v for value in pick("nodeport_addresses") for v in _split(value)]
+    nodeport_values, nodeport_where = pick("nodeport_addresses")
+    nodeport_values = _split(nodeport_values)
     primary = PRIMARY in nodeport_values
     if primary and len(nodeport_values) > 1:
-        raise ConfigError(f"--nodeport-addresses: {PRIMARY!r} cannot be combined with CIDRs")
-    node_ips = _values("--node-ip", pick("node_ips"), parse_ip)
+        raise ConfigError(f"{nodeport_where}: {PRIMARY!r} cannot be combined with CIDRs")
+    node_ips = _values("--node-ip", flags.node_ips, parse_ip)
     if primary and not node_ips:
-        raise ConfigError(f"--nodeport-addresses {PRIMARY}: needs the node's address (--node-ip)")
-    cidr_values = [v for value in pick("cluster_cidrs") for v in _split(value)]
+        raise ConfigError(f"{nodeport_where}: {PRIMARY} needs the node's address (--node-ip)")
+    masquerade_all = flags.masquerade_all
+    if masquerade_all is None:
+        masquerade_all = base.masquerade_all_by_mode.get(mode.value, False)
+    cidrs, cidr_where = pick("cluster_cidrs")
     return NodeConfig(
         hostname=hostname,
         mode=mode,
-        cluster_cidrs=_values("--cluster-cidr", cidr_values, parse_cidr),
-        masquerade_all=bool(pick("masquerade_all")),
+        cluster_cidrs=_merged(_values(cidr_where, _split(cidrs), parse_cidr)),
+        masquerade_all=masquerade_all,
         nodeport_cidrs=()
         if primary
-        else _values("--nodeport-addresses", nodeport_values, parse_cidr),
+        else _merged(_values(nodeport_where, nodeport_values, parse_cidr)),
         nodeport_primary=primary,
         node_ips=node_ips,
-        service_cidrs=_values("--service-cidr", pick("service_cidrs"), parse_cidr),
+        service_cidrs=_merged(_values("--service-cidr", _split(flags.service_cidrs), parse_cidr)),
     )

@@ -13,7 +13,14 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kpgen.fields import DNS1035_LABEL, DNS1123_SUBDOMAIN, SUBDOMAIN_MAX, Field, Invalid
+from kpgen.fields import (
+    DNS1035_LABEL,
+    DNS1123_SUBDOMAIN,
+    SUBDOMAIN_MAX,
+    Field,
+    Invalid,
+    printable,
+)
 from kpgen.model import (
     DEFAULT_AFFINITY_TIMEOUT,
     SERVICE_NAME_LABEL,
@@ -97,7 +104,7 @@ def _display_ref(doc: Mapping[str, Any]) -> str:
     if not isinstance(meta, dict):
         return "(no metadata)"
     namespace, name = meta.get("namespace") or "default", meta.get("name") or "(no name)"
-    return f"{namespace}/{name}"[:140]
+    return printable(f"{namespace}/{name}")
 
 
 # --- Services ---------------------------------------------------------------------------
@@ -110,6 +117,7 @@ def _service_ports(spec: Field, service_type: ServiceType) -> tuple[ServicePort,
         raise ports_field.invalid("a service needs at least one port")
     seen_names: set[str] = set()
     seen_ports: set[tuple[Protocol, int]] = set()
+    seen_node_ports: set[tuple[Protocol, int]] = set()
     ports = []
     for entry in entries:
         name_field = entry.get("name")
@@ -129,6 +137,11 @@ def _service_ports(spec: Field, service_type: ServiceType) -> tuple[ServicePort,
         node_port = node_port_field.port() if node_port_field else None
         if node_port is not None and service_type is ServiceType.CLUSTER_IP:
             raise Invalid(f"{entry.path}.nodePort", "may not be set on a ClusterIP service")
+        if node_port is not None and (protocol, node_port) in seen_node_ports:
+            problem = f"{node_port}/{protocol.value} is used by another port"
+            raise Invalid(f"{entry.path}.nodePort", problem)
+        if node_port is not None:
+            seen_node_ports.add((protocol, node_port))
         ports.append(ServicePort(name, protocol, port, node_port))
     return tuple(ports)
 
@@ -297,7 +310,7 @@ def parse_slice(doc: Field) -> EndpointSlice:
 
 # --- Documents --------------------------------------------------------------------------
 
-_PARSERS: dict[tuple[Any, Any], Callable[[Field], Service | EndpointSlice]] = {
+_PARSERS: dict[tuple[str, str], Callable[[Field], Service | EndpointSlice]] = {
     SERVICE_API: parse_service,
     SLICE_API: parse_slice,
 }
@@ -341,7 +354,18 @@ def _conflicts(services: list[Service], problems: list[Problem]) -> list[Service
     return kept
 
 
-def parse_documents(documents: Iterable[Mapping[str, Any]]) -> ParseResult:
+def _api_of(doc: Any) -> tuple[str, str]:
+    """(apiVersion, kind) of a decoded document, as text fit for a message."""
+    if not isinstance(doc, dict):
+        return ("", f"(not an object: {type(doc).__name__})")
+    api, kind = doc.get("apiVersion"), doc.get("kind")
+    return (
+        printable(api, 60) if isinstance(api, str) else "",
+        printable(kind, 60) if isinstance(kind, str) else "(no kind)",
+    )
+
+
+def parse_documents(documents: Iterable[Any]) -> ParseResult:
     """Turn decoded API objects into a :class:`ClusterState`; bad objects become problems.
 
     Objects of other kinds are counted in ``ignored``. Of two objects with one kind and
@@ -350,12 +374,11 @@ def parse_documents(documents: Iterable[Mapping[str, Any]]) -> ParseResult:
     result = ParseResult(ClusterState())
     parsed: dict[tuple[str, ObjectRef], Service | EndpointSlice] = {}
     for doc in documents:
-        api = (doc.get("apiVersion"), doc.get("kind"))
-        parser = _PARSERS.get(api) if api in _PARSERS else None
+        api_version, kind = _api_of(doc)
+        parser = _PARSERS.get((api_version, kind))
         if parser is None:
-            result.ignored[f"{api[1] or '(no kind)'} ({api[0] or 'no apiVersion'})"] += 1
+            result.ignored[f"{kind} ({api_version or 'no apiVersion'})"] += 1
             continue
-        kind = str(api[1])
         try:
             obj = parser(Field(doc))
         except _Skip as skip:

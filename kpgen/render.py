@@ -51,6 +51,7 @@ IPTABLES_JUMPS = (
     _jump("filter", "FORWARD", "kpgen service portals", "SERVICES", new_only=True),
     _jump("filter", "FORWARD", "kpgen external services", "EXTERNAL-SERVICES", new_only=True),
     _jump("filter", "OUTPUT", "kpgen service portals", "SERVICES", new_only=True),
+    _jump("filter", "OUTPUT", "kpgen external services", "EXTERNAL-SERVICES", new_only=True),
 )
 
 

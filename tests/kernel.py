@@ -117,7 +117,9 @@ def iptables_load(text: str, namespace: str | None = None) -> tuple[bool, str]:
     nothing about ``text`` alone.
     """
     if namespace is not None:
-        return exec_in(namespace, [tool("iptables-restore") or "iptables-restore", "--noflush"], text)
+        return exec_in(
+            namespace, [tool("iptables-restore") or "iptables-restore", "--noflush"], text
+        )
     with netns() as fresh:
         return iptables_load(text, fresh)
 

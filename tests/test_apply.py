@@ -89,9 +89,7 @@ def test_iptables_reapply_keeps_one_jump_per_builtin_chain(ns: str) -> None:
     for _ in range(3):
         result = kpgen(ns, "apply", "--proxy-mode", "iptables", "-f", SEED, *SEED_FLAGS)
         assert result.returncode == 0, result.stderr
-    tables = {
-        section.split("\n", 1)[0]: section for section in iptables_save(ns).split("\n*")[1:]
-    }
+    tables = {section.split("\n", 1)[0]: section for section in iptables_save(ns).split("\n*")[1:]}
     for table, chain, target in [
         ("nat", "PREROUTING", "KPGEN-SERVICES"),
         ("nat", "OUTPUT", "KPGEN-SERVICES"),

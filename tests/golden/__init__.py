@@ -1,0 +1,1 @@
+"""Golden rule files and the cases they are rendered from (see cases.py)."""
