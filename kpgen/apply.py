@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from kpgen.delta import iptables_delta, nft_delta
 from kpgen.model import IPFamily
 from kpgen.names import IPT_PREFIX, NFT_TABLE, is_ipt_chain
 from kpgen.node import ProxyMode
@@ -294,3 +295,56 @@ def apply_plans(
     note = f"; removed the {other_mode.value} rules" if removed else ""
     services = sum(len(p.ports) for p in plans)
     return f"{done}: loaded rules for {services} service ports{note}"
+
+
+class RuleLoader:
+    """Loads a node's rules again and again, as the controller does: it keeps what it loaded
+    last, so that the next load can be partial (only what changed, kpgen.delta)."""
+
+    def __init__(self, mode: ProxyMode, iptables_variant: str = "auto") -> None:
+        self.mode = mode
+        self.iptables_variant = iptables_variant
+        self.loaded: dict[IPFamily, str] | None = None
+        self._nft: Nftables | None = None
+
+    def _texts(self, plans: Sequence[FamilyPlan]) -> dict[IPFamily, str]:
+        if self.mode is ProxyMode.NFTABLES:
+            return {p.family: render_plan(p, self.mode) for p in plans}
+        return {p.family: render_plan(p, self.mode, insert_jumps=()) for p in plans}
+
+    def full(self, plans: Sequence[FamilyPlan]) -> str:
+        """Load everything (and remove the other mode's rules); returns a summary."""
+        self.loaded = None  # if this fails, the kernel's state is unknown: the next is full
+        summary = apply_plans(plans, self.mode, iptables_variant=self.iptables_variant)
+        if self.mode is ProxyMode.IPTABLES and self.iptables_variant == "auto":
+            self.iptables_variant = summary.split(":", 1)[0].removeprefix("iptables-")
+        self.loaded = self._texts(plans)
+        return summary
+
+    def partial(self, plans: Sequence[FamilyPlan]) -> int | None:
+        """Load only what changed since the last load: the number of commands written (0:
+        nothing changed), or None when the change needs a full load."""
+        if self.loaded is None or set(self.loaded) != {p.family for p in plans}:
+            return None
+        wanted = self._texts(plans)
+        scripts: dict[IPFamily, str] = {}
+        for family, text in wanted.items():
+            if self.mode is ProxyMode.NFTABLES:
+                delta = nft_delta(self.loaded[family], text)
+                if delta is None:
+                    return None
+            else:
+                delta = iptables_delta(self.loaded[family], text)
+            scripts[family] = delta
+        written = sum(script.count("\n") for script in scripts.values())
+        if written:
+            self.loaded = None
+            if self.mode is ProxyMode.NFTABLES:
+                self._nft = self._nft or Nftables()  # one libnftables context: its cache
+                self._nft.run("".join(scripts.values()))
+            else:
+                for family, script in scripts.items():
+                    if script:
+                        Iptables(self.iptables_variant, family).restore(script)
+        self.loaded = wanted
+        return written

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import click
@@ -17,6 +17,7 @@ import click
 from kpgen.apply import ApplyError, apply_plans, cleanup
 from kpgen.lab import lab_group
 from kpgen.load import InputError, load_documents
+from kpgen.logs import setup_logging
 from kpgen.model import IPFamily
 from kpgen.node import PRIMARY, ConfigError, NodeConfig, NodeFlags, ProxyMode, node_config
 from kpgen.parse import ParseResult, parse_documents
@@ -32,18 +33,34 @@ def _fail(message: str) -> None:
     sys.exit(EXIT_INPUT)
 
 
+def _decorate(command: F, options: Sequence[Any]) -> F:
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def input_options(command: F) -> F:
+    """Where the offline commands read their manifests."""
+    return _decorate(
+        command,
+        [
+            click.option(
+                "-f",
+                "--filename",
+                "sources",
+                multiple=True,
+                required=True,
+                metavar="FILE|DIR|-",
+                help="Manifests (YAML or JSON; - for stdin). Repeatable.",
+            ),
+            click.option("-v", "--verbose", count=True, help="Also say what was skipped, and why."),
+        ],
+    )
+
+
 def node_options(command: F) -> F:
     """The node settings every command shares, under kube-proxy's flag names."""
     options = [
-        click.option(
-            "-f",
-            "--filename",
-            "sources",
-            multiple=True,
-            required=True,
-            metavar="FILE|DIR|-",
-            help="Manifests (YAML or JSON; - for stdin). Repeatable.",
-        ),
         click.option(
             "--proxy-mode",
             type=click.Choice([m.value for m in ProxyMode]),
@@ -90,11 +107,17 @@ def node_options(command: F) -> F:
             metavar="FILE",
             help="A KubeProxyConfiguration (kubeproxy.config.k8s.io/v1alpha1); flags override it.",
         ),
-        click.option("-v", "--verbose", count=True, help="Also say what was skipped, and why."),
     ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+    return _decorate(command, options)
+
+
+iptables_backend_option = click.option(
+    "--iptables-backend",
+    type=click.Choice(["auto", "nft", "legacy"]),
+    default="auto",
+    show_default=True,
+    help="Which iptables (iptables mode): auto picks the one that already holds rules.",
+)
 
 
 def _read_inputs(sources: tuple[str, ...], verbose: int) -> ParseResult:
@@ -160,6 +183,7 @@ def main() -> None:
 
 
 @main.command("render")
+@input_options
 @node_options
 @_no_traceback
 def render_command(sources: tuple[str, ...], verbose: int, **options: Any) -> None:
@@ -177,15 +201,10 @@ def render_command(sources: tuple[str, ...], verbose: int, **options: Any) -> No
 
 
 @main.command("apply")
+@input_options
 @node_options
 @click.option("--check", is_flag=True, help="Let the kernel validate the rules; change nothing.")
-@click.option(
-    "--iptables-backend",
-    type=click.Choice(["auto", "nft", "legacy"]),
-    default="auto",
-    show_default=True,
-    help="Which iptables (iptables mode): auto picks the one that already holds rules.",
-)
+@iptables_backend_option
 @_no_traceback
 def apply_command(
     sources: tuple[str, ...], verbose: int, check: bool, iptables_backend: str, **options: Any
@@ -231,6 +250,74 @@ def cleanup_command(proxy_mode: str) -> None:
         click.echo(f"removed {item}")
     if not removed:
         click.echo("nothing of kpgen's to remove", err=True)
+
+
+@main.command("run")
+@node_options
+@click.option(
+    "--source",
+    default="api",
+    show_default=True,
+    metavar="api|manifests:DIR",
+    help="Where objects come from: the Kubernetes API, or a directory re-read when it changes.",
+)
+@click.option(
+    "--kubeconfig", metavar="FILE", help="Kubeconfig. [default: in-cluster, then ~/.kube]"
+)
+@click.option(
+    "--master", metavar="URL", help="The API server's address (overrides the kubeconfig)."
+)
+@click.option("--min-sync-period", default="1s", show_default=True, metavar="DURATION",
+              help="Syncs come no more often than this.")  # fmt: skip
+@click.option("--sync-period", default="30s", show_default=True, metavar="DURATION",
+              help="A full sync at least this often.")  # fmt: skip
+@click.option("--healthz-bind-address", default="0.0.0.0:10256", show_default=True,
+              metavar="HOST:PORT", help="/healthz and /livez; empty: off.")  # fmt: skip
+@click.option("--metrics-bind-address", default="127.0.0.1:10249", show_default=True,
+              metavar="HOST:PORT", help="/metrics (Prometheus); empty: off.")  # fmt: skip
+@iptables_backend_option
+@click.option("-v", "--verbose", count=True, help="More log detail (-v: watch events).")
+@click.option(
+    "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True
+)
+@_no_traceback
+def run_command(
+    source: str,
+    kubeconfig: str | None,
+    master: str | None,
+    min_sync_period: str,
+    sync_period: str,
+    healthz_bind_address: str,
+    metrics_bind_address: str,
+    iptables_backend: str,
+    verbose: int,
+    log_format: str,
+    **options: Any,
+) -> None:
+    """Watch the cluster and keep this node's rules in sync (in place of kube-proxy).
+
+    Rules are written only once every kind has been listed, then on every change (no more
+    often than --min-sync-period), partially where possible. On SIGTERM kpgen exits and
+    leaves the rules in place; `kpgen cleanup` removes them.
+    """
+    from kpgen.controller import RunSettings, run
+
+    node = _node(options)
+    setup_logging(verbose, log_format)
+    try:
+        settings = RunSettings.parse(
+            source=source,
+            kubeconfig=kubeconfig,
+            master=master,
+            min_sync_period=min_sync_period,
+            sync_period=sync_period,
+            healthz_bind_address=healthz_bind_address,
+            metrics_bind_address=metrics_bind_address,
+            iptables_backend=iptables_backend,
+        )
+    except ValueError as error:
+        _fail(str(error))
+    sys.exit(run(node, settings))
 
 
 main.add_command(lab_group)

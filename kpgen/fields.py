@@ -174,3 +174,30 @@ class Field:
         except ValueError:
             allowed = ", ".join(member.value for member in enum_type)
             raise self.invalid(f"{show(text)} is not one of {allowed}") from None
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """A Go duration as kube-proxy's flags take it (``1s``, ``500ms``, ``1m30s``), in seconds."""
+    parts = _DURATION_PART.findall(text)
+    if not text or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"{show(text)} is not a duration (like 1s, 500ms, 1m30s)")
+    return sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts)
+
+
+def parse_bind_address(text: str) -> tuple[str, int] | None:
+    """``HOST:PORT`` or ``[IPv6]:PORT`` to listen on; empty: None (off)."""
+    if not text:
+        return None
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    try:
+        parse_ip(host)
+        if not sep or not port.isdigit():
+            raise ValueError
+        return host, parse_port(int(port), low=0)
+    except ValueError:
+        raise ValueError(f"{show(text)} is not an address to listen on (IP:PORT)") from None
