@@ -38,3 +38,9 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+
+# The seed article's cluster in network namespaces (docs/lab.md): up, the article's curl
+# loops, down again. Needs root.
+.PHONY: lab
+lab: setup
+	$(KPGEN) lab demo

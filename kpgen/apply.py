@@ -31,6 +31,7 @@ IPTABLES_TABLES = ("nat", "filter")
 # Chains that kubelet makes in whichever iptables the node uses (kube-proxy's wrapper reads them).
 KUBELET_HINTS = ("KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY")
 CONTEXT_LINES = 2
+_NFT_OBJECT = re.compile(r"^\t(chain|set|map) (\S+) \{$", re.M)
 
 
 class ApplyError(Exception):
@@ -92,15 +93,18 @@ class Nftables:
     def via(self) -> str:
         return "libnftables" if self._binding is not None else "nft"
 
-    def run(self, text: str, *, check: bool = False) -> str:
-        """Run an nft script as one transaction; ``check``: validate only (``nft -c``)."""
+    def run(self, text: str, *, check: bool = False, terse: bool = False) -> str:
+        """Run an nft script as one transaction; ``check``: validate only (``nft -c``);
+        ``terse``: list without set elements."""
         with _rules_file(text, ".nft") as path:
             if self._binding is not None:
                 self._binding.set_dry_run(check)
+                self._binding.set_terse_output(terse)
                 rc, output, error = self._binding.cmd_from_file(path)
                 self._binding.set_dry_run(False)
             else:
-                result = _run(["nft", *(["-c"] if check else []), "-f", path])
+                flags = [*(["-c"] if check else []), *(["-t"] if terse else [])]
+                result = _run(["nft", *flags, "-f", path])
                 rc, output, error = result.returncode, result.stdout, result.stderr
         if rc != 0:
             raise ApplyError(with_context(error.replace(path, "rules"), text))
@@ -112,13 +116,41 @@ class Nftables:
         found = {line.split(" ", 1)[1].strip() for line in listing.splitlines() if " " in line}
         return {t for t in found if t.split()[-1] == NFT_TABLE}
 
+    def objects(self, family: IPFamily) -> dict[str, str]:
+        """The chains, sets and maps in kpgen's table of ``family`` now: name -> kind."""
+        found: dict[str, str] = {}
+        header = f"table {family.nft_family} {NFT_TABLE} {{"
+        for kind in ("chains", "sets", "maps"):
+            ours = False
+            for line in self.run(f"list {kind} {family.nft_family}\n", terse=True).splitlines():
+                if line.startswith("table "):
+                    ours = line == header
+                match = _NFT_OBJECT.match(line)
+                if ours and match:
+                    found[match.group(2)] = match.group(1)
+        return found
+
     def apply(self, tables: dict[IPFamily, str], *, check: bool = False) -> None:
-        """Replace kpgen's table of each family with ``tables[family]``, all at once."""
+        """Replace the contents of kpgen's table of each family with ``tables[family]``, all
+        in one transaction.
+
+        The table and its base chains stay: they are flushed and filled again, and only the
+        objects the new rules no longer have are deleted. (Deleting and re-creating the table
+        lets a packet that arrives during the commit miss both the old and the new base
+        chains: the e2e suite saw new connections go untranslated that way.)
+        """
         script = []
         for family, text in tables.items():
             name = f"{family.nft_family} {NFT_TABLE}"
-            # "add" makes the table if it is missing, so that "delete" always succeeds.
-            script.append(f"add table {name}\ndelete table {name}\n{text}")
+            existing = self.objects(family)
+            wanted = {m.group(2) for m in _NFT_OBJECT.finditer(text)}
+            script.append(f"add table {name}\nflush table {name}\n")
+            script += [
+                f"flush {kind} {name} {obj}\n" for obj, kind in existing.items() if kind != "chain"
+            ]
+            script.append(text)
+            stale = [(kind, obj) for obj, kind in existing.items() if obj not in wanted]
+            script += [f"delete {kind} {name} {obj}\n" for kind, obj in stale]
         self.run("".join(script), check=check)
 
     def cleanup(self) -> list[str]:

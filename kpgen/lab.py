@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import ipaddress
 import json
 import os
@@ -34,7 +35,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,8 @@ MODES = ("nftables", "iptables")
 SEED = Path(__file__).resolve().parent.parent / "examples" / "seed-cluster.yaml"
 STATE_ROOT = Path("/run/kpgen-lab")
 ETC_NETNS = Path("/etc/netns")
+# present while /etc/netns is there because a lab made it (labs may come and go in any order)
+MADE_ETC_NETNS = STATE_ROOT / "made-etc-netns"
 POD_PYTHON = "/usr/bin/python3"  # Debian's, for the pods' HTTP servers
 # no DNS in the lab: names come from its hosts files; 127.0.0.1:53 refuses at once
 RESOLV_CONF = "# written by kpgen lab: no name server in the lab\nnameserver 127.0.0.1\n"
@@ -161,7 +164,6 @@ class State:
     mode: str | None = None
     namespaces: dict[str, int] = field(default_factory=dict)  # name: inode
     hosts_dirs: list[str] = field(default_factory=list)
-    made_etc_netns: bool = False
     pods: dict[str, dict[str, Any]] = field(default_factory=dict)  # name: asdict(Pod)
     processes: list[Process] = field(default_factory=list)
 
@@ -169,7 +171,7 @@ class State:
     def from_json(cls, text: str) -> State:
         data = json.loads(text)
         data["processes"] = [Process(**p) for p in data.get("processes", [])]
-        return cls(**data)
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
 @dataclass(frozen=True)
@@ -212,7 +214,7 @@ class LabStatus:
                     for p in pods
                 )
                 rules = f"  rules: {self.rules[name]}" if name in self.rules else ""
-                lines.append(f"  {name:<14} {node.address:<13}{what}{rules}")
+                lines.append(f"  {name:<14} {node.address:<13}{what}{rules}".rstrip())
                 if listed:
                     lines.append(f"  {'':<14} pods: {listed}")
             elif name == NET_NS:
@@ -220,7 +222,9 @@ class LabStatus:
         return "\n".join(lines)
 
 
-def _start_time(pid: int) -> str | None:
+def start_time(pid: int) -> str | None:
+    """When process ``pid`` started (ticks since boot, from /proc), which tells it from a later
+    process with the same PID; None when no such process runs (a zombie does not)."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii") as stream:
             stat = stream.read()
@@ -248,23 +252,21 @@ def _tool(name: str) -> str:
     return found
 
 
-def _run(argv: Sequence[str], *, what: str | None = None) -> subprocess.CompletedProcess[str]:
+def _run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
     """Run a setup command; its failure is a LabError with the tool's message."""
     result = subprocess.run(
         list(argv), capture_output=True, text=True, check=False, timeout=COMMAND_TIMEOUT
     )
     if result.returncode != 0:
-        shown = what or shlex.join(argv)
-        raise LabError(f"{shown}: {(result.stderr or result.stdout).strip()}")
+        raise LabError(f"{shlex.join(argv)}: {(result.stderr or result.stdout).strip()}")
     return result
 
 
 def _veth_name(pod: str) -> str:
-    """The node side of a pod's veth: ``cali`` and the pod's name, as Calico names them."""
+    """The node side of a pod's veth: ``cali`` and the pod's name (a hash of it if that is
+    too long for an interface name), as Calico names them."""
     name = f"cali{pod}"
     if len(name) > 15:
-        import hashlib
-
         name = "cali" + hashlib.sha1(pod.encode()).hexdigest()[:11]
     return name
 
@@ -287,6 +289,11 @@ class Lab:
         return self.prefix + name
 
     @property
+    def mode(self) -> str | None:
+        """The proxy mode the lab was brought up with (None: not up)."""
+        return self._load().mode
+
+    @property
     def _state_file(self) -> Path:
         return self.state_dir / "state.json"
 
@@ -304,15 +311,24 @@ class Lab:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[State]:
-        """The state, under a lock that keeps two kpgen processes from changing labs at once."""
+        """The state, under a lock (on /run/kpgen-lab itself) that keeps two processes from
+        changing labs at once. ``down`` removes the directory when it is empty, so a lock
+        taken on a directory that was removed meanwhile is taken again on the new one."""
         _require_root()
-        STATE_ROOT.mkdir(parents=True, exist_ok=True)
-        handle = os.open(STATE_ROOT, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            yield self._load()
-        finally:
-            os.close(handle)
+        while True:
+            STATE_ROOT.mkdir(parents=True, exist_ok=True)
+            handle = os.open(STATE_ROOT, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+                try:
+                    current = os.stat(STATE_ROOT).st_ino == os.fstat(handle).st_ino
+                except FileNotFoundError:
+                    current = False
+                if current:
+                    yield self._load()
+                    return
+            finally:
+                os.close(handle)
 
     def _ours(self, state: State, namespace: str) -> bool:
         inode = _netns_inode(namespace)
@@ -378,7 +394,7 @@ class Lab:
                 start_new_session=True,
             )
         self._children[child.pid] = child
-        start = _start_time(child.pid)
+        start = start_time(child.pid)
         state.processes.append(
             Process(child.pid, start or "", self.ns(name), f"http server {label} :{port}")
         )
@@ -400,17 +416,17 @@ class Lab:
 
     def _stop(self, state: State, processes: list[Process]) -> None:
         for process in processes:
-            if _start_time(process.pid) == process.start:
+            if start_time(process.pid) == process.start:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(process.pid, signal.SIGTERM)
         deadline = time.monotonic() + 5
         for process in processes:
             child = self._children.pop(process.pid, None)
-            while _start_time(process.pid) == process.start and time.monotonic() < deadline:
+            while start_time(process.pid) == process.start and time.monotonic() < deadline:
                 if child is not None and child.poll() is not None:
                     break
                 time.sleep(0.02)
-            if _start_time(process.pid) == process.start:
+            if start_time(process.pid) == process.start:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(process.pid, signal.SIGKILL)
             if child is not None:
@@ -449,8 +465,9 @@ class Lab:
     def _sysctl(self, name: str, *settings: str) -> None:
         _run(self._argv(name, [_tool("sysctl"), "-q", "-w", *settings]))
 
-    def _ip(self, name: str, *args: str) -> None:
-        _run([_tool("ip"), "-n", self.ns(name), *args])
+    def _ip(self, name: str, command: str) -> None:
+        """``ip -n NS command``; the command's words are validated names and addresses."""
+        _run([_tool("ip"), "-n", self.ns(name), *command.split()])
 
     def _write_hosts(self, state: State) -> None:
         """Every namespace's /etc/hosts (``ip netns exec`` mounts /etc/netns/NS/hosts over
@@ -463,7 +480,7 @@ class Lab:
         text = "\n".join(lines) + "\n"
         if not ETC_NETNS.exists():
             ETC_NETNS.mkdir(parents=True)
-            state.made_etc_netns = True
+            MADE_ETC_NETNS.touch()
         for namespace in state.namespaces:
             directory = ETC_NETNS / namespace
             if str(directory) not in state.hosts_dirs:
@@ -478,78 +495,47 @@ class Lab:
         namespace = self.ns(node.name)
         self._add_namespace(state, namespace)
         # the veth is made inside the node's namespace, then its peer moved to the bridge's
-        self._ip(
-            node.name,
-            "link",
-            "add",
-            "eth0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            node.name,
-            "netns",
-            self.ns(NET_NS),
-        )
-        self._ip(NET_NS, "link", "set", node.name, "master", BRIDGE, "up")
-        self._ip(
-            node.name, "addr", "add", f"{node.address}/{NODE_NETWORK.prefixlen}", "dev", "eth0"
-        )
-        self._ip(node.name, "link", "set", "eth0", "up")
+        bridge_ns = self.ns(NET_NS)
+        self._ip(node.name, f"link add eth0 type veth peer name {node.name} netns {bridge_ns}")
+        self._ip(NET_NS, f"link set {node.name} master {BRIDGE} up")
+        self._ip(node.name, f"addr add {node.address}/{NODE_NETWORK.prefixlen} dev eth0")
+        self._ip(node.name, "link set eth0 up")
 
     def _add_pod(self, state: State, pod: Pod) -> None:
         veth = _veth_name(pod.name)
         self._add_namespace(state, self.ns(pod.name))
-        self._ip(
-            pod.node,
-            "link",
-            "add",
-            veth,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            self.ns(pod.name),
-        )
+        self._ip(pod.node, f"link add {veth} type veth peer name eth0 netns {self.ns(pod.name)}")
         # Calico: the node answers the pod's ARP for 169.254.1.1 at once (proxy ARP, no delay)
         self._sysctl(
             pod.node, f"net.ipv4.conf.{veth}.proxy_arp=1", f"net.ipv4.neigh.{veth}.proxy_delay=0"
         )
-        self._ip(pod.node, "link", "set", veth, "up")
-        self._ip(pod.node, "route", "add", f"{pod.address}/32", "dev", veth, "scope", "link")
-        self._ip(pod.name, "addr", "add", f"{pod.address}/32", "dev", "eth0")
-        self._ip(pod.name, "link", "set", "eth0", "up")
-        self._ip(pod.name, "route", "add", POD_GATEWAY, "dev", "eth0", "scope", "link")
-        self._ip(pod.name, "route", "add", "default", "via", POD_GATEWAY, "dev", "eth0")
+        self._ip(pod.node, f"link set {veth} up")
+        self._ip(pod.node, f"route add {pod.address}/32 dev {veth} scope link")
+        self._ip(pod.name, f"addr add {pod.address}/32 dev eth0")
+        self._ip(pod.name, "link set eth0 up")
+        self._ip(pod.name, f"route add {POD_GATEWAY} dev eth0 scope link")
+        self._ip(pod.name, f"route add default via {POD_GATEWAY} dev eth0")
         if pod.serve:
             self._serve(state, pod.name, pod.name, HTTP_PORT)
 
     def _build(self, state: State, mode: str) -> list[str]:
         self._add_namespace(state, self.ns(NET_NS))
-        self._ip(NET_NS, "link", "add", BRIDGE, "type", "bridge")
-        self._ip(NET_NS, "link", "set", BRIDGE, "up")
+        self._ip(NET_NS, f"link add {BRIDGE} type bridge")
+        self._ip(NET_NS, f"link set {BRIDGE} up")
         for node in NODES:
             self._add_node(state, node)
         gateway = NODE_BY_NAME["gateway"].address
         for name in CLUSTER_NODES:
             self._sysctl(name, "net.ipv4.ip_forward=1")
             # a default route, as nodes have one; it also lets proxy ARP answer for 169.254.1.1
-            self._ip(name, "route", "add", "default", "via", gateway)
+            self._ip(name, f"route add default via {gateway}")
             for other in WORKERS:
-                cidr = NODE_BY_NAME[other].pod_cidr
-                if other != name and cidr is not None:
-                    self._ip(name, "route", "add", cidr, "via", NODE_BY_NAME[other].address)
+                if other != name:
+                    node = NODE_BY_NAME[other]
+                    self._ip(name, f"route add {node.pod_cidr} via {node.address}")
         self._ip(
-            "gateway",
-            "route",
-            "add",
-            f"{EXTERNAL_IP}/32",
-            "via",
-            NODE_BY_NAME[EXTERNAL_IP_NODE].address,
+            "gateway", f"route add {EXTERNAL_IP}/32 via {NODE_BY_NAME[EXTERNAL_IP_NODE].address}"
         )
-        self._write_hosts(state)
         for pod in SEED_PODS:
             self._add_pod(state, pod)
         self._write_hosts(state)
@@ -576,7 +562,6 @@ class Lab:
             raise LabError(f"the seed cluster {SEED} is missing")
         with self._locked() as state:
             self._check_free(state, self._lab_namespaces(state))
-            self._check_free(state, [self.ns(p.name) for p in SEED_PODS])
             if state.namespaces or state.processes:
                 self._down(state)
                 state = self._load()
@@ -593,39 +578,45 @@ class Lab:
             return self._down(state)
 
     def _down(self, state: State) -> list[str]:
-        removed = []
+        done, problems = [], []
         if state.processes:
             count = len(state.processes)
             self._stop(state, list(state.processes))
-            removed.append(f"{count} process(es)")
+            done.append(f"stopped {count} process{'es' if count > 1 else ''}")
+        ours = [n for n in state.namespaces if self._ours(state, n)]
         # anything still running inside a namespace of ours was started in the lab
-        for namespace in state.namespaces:
-            if self._ours(state, namespace):
-                pids = subprocess.run(
-                    [_tool("ip"), "netns", "pids", namespace],
-                    capture_output=True,
-                    text=True,
-                    check=False,
-                ).stdout.split()
-                for pid in pids:
-                    with contextlib.suppress(ProcessLookupError, ValueError):
-                        os.kill(int(pid), signal.SIGKILL)
-        # pods first, the bridge's namespace last
-        for namespace in sorted(state.namespaces, key=lambda n: n == self.ns(NET_NS)):
-            if self._ours(state, namespace):
+        for namespace in ours:
+            listing = subprocess.run(
+                [_tool("ip"), "netns", "pids", namespace], capture_output=True, text=True
+            )
+            for pid in listing.stdout.split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+        deleted = []
+        for namespace in sorted(ours, key=lambda n: n == self.ns(NET_NS)):  # the bridge's last
+            try:
                 _run([_tool("ip"), "netns", "delete", namespace])
-                removed.append(f"namespace {namespace}")
-        for directory in state.hosts_dirs:
-            if os.path.isdir(directory):
-                shutil.rmtree(directory)
-                removed.append(directory)
-        if state.made_etc_netns:
+                deleted.append(namespace)
+            except LabError as error:
+                problems.append(str(error))
+        if deleted:
+            done.append(f"deleted {len(deleted)} network namespaces ({', '.join(deleted)})")
+        removed = [d for d in state.hosts_dirs if os.path.isdir(d)]
+        for directory in removed:
+            shutil.rmtree(directory)
+        if removed:
+            done.append(f"removed {len(removed)} directories of hosts files from {ETC_NETNS}")
+        if MADE_ETC_NETNS.exists():
             with contextlib.suppress(OSError):
-                ETC_NETNS.rmdir()  # only if empty: someone else may use it by now
+                ETC_NETNS.rmdir()  # only once empty: another lab or someone else may use it
+                MADE_ETC_NETNS.unlink()
+        if problems:
+            self._save(state)
+            raise LabError("; ".join(problems))
         shutil.rmtree(self.state_dir, ignore_errors=True)
         with contextlib.suppress(OSError):
-            STATE_ROOT.rmdir()
-        return removed
+            STATE_ROOT.rmdir()  # only if no other lab is up
+        return done
 
     def status(self) -> LabStatus:
         """Whether the lab is up, and each of its parts."""
@@ -643,7 +634,7 @@ class Lab:
                     pod.node,
                     pod.address,
                     server.pid if server else None,
-                    server is not None and _start_time(server.pid) == server.start,
+                    server is not None and start_time(server.pid) == server.start,
                 )
             )
         rules = {}
@@ -719,7 +710,7 @@ class Lab:
     ) -> subprocess.CompletedProcess[str]:
         """``kpgen apply`` of the manifests inside ``node``'s namespace, as that node
         (``--hostname-override``) with the cluster CIDR, in ``mode`` (the lab's by default)."""
-        mode = mode or self._load().mode or "nftables"
+        mode = mode or self.mode or "nftables"
         argv = [sys.executable, "-m", "kpgen", "apply"]
         for path in manifest_paths:
             argv += ["-f", str(Path(path).resolve())]
@@ -754,7 +745,7 @@ DEMO_TITLES = (
 )
 
 
-def demo(lab: Lab, echo: Any = print) -> bool:
+def demo(lab: Lab, echo: Callable[[str], object] = print) -> bool:
     """Run the article's curl loops (without its ``sleep 5``) in the lab, printing them as
     a shell transcript; True when every request was answered by a pod."""
     ok = True
@@ -797,7 +788,7 @@ _mode_option = click.option(
 )
 
 
-def _lab_errors(action: Any) -> None:
+def _lab_errors(action: Callable[[], object]) -> None:
     try:
         action()
     except LabError as error:
@@ -806,6 +797,7 @@ def _lab_errors(action: Any) -> None:
 
 
 def _bring_up(lab: Lab, mode: str) -> None:
+    _require_root()
     click.echo(f"kpgen lab: building the seed article's cluster, proxy mode {mode} ...", err=True)
     started = time.monotonic()
     for summary in lab.up(mode):
@@ -826,29 +818,32 @@ def lab_group() -> None:
 @lab_group.command("up")
 @_mode_option
 def lab_up(proxy_mode: str) -> None:
-    """Build the lab and load kpgen's rules on both workers (a lab left up is rebuilt)."""
+    """Build the lab, load kpgen's rules on the workers.
+
+    A lab left up is taken down and built again; a namespace of the same name that the lab
+    did not make is refused.
+    """
     _lab_errors(lambda: _bring_up(DEFAULT, proxy_mode))
     click.echo(DEFAULT.status().describe())
 
 
 @lab_group.command("down")
 def lab_down() -> None:
-    """Remove everything the lab made: processes, namespaces, /etc/netns files."""
+    """Remove everything the lab made.
+
+    Its processes, network namespaces and /etc/netns files; nothing it did not make.
+    """
 
     def action() -> None:
-        removed = DEFAULT.down()
-        click.echo(
-            f"kpgen lab: removed {', '.join(removed)}"
-            if removed
-            else "kpgen lab: nothing to remove"
-        )
+        for done in DEFAULT.down() or ["nothing of the lab to remove"]:
+            click.echo(f"kpgen lab: {done}")
 
     _lab_errors(action)
 
 
 @lab_group.command("status")
 def lab_status() -> None:
-    """Say whether the lab is up, and list its parts."""
+    """Whether the lab is up, and its parts."""
     _lab_errors(lambda: click.echo(DEFAULT.status().describe()))
 
 
@@ -856,16 +851,21 @@ def lab_status() -> None:
 @_mode_option
 @click.option("--keep-up", is_flag=True, help="Leave the lab up afterwards.")
 def lab_demo(proxy_mode: str, keep_up: bool) -> None:
-    """Bring the lab up, run the article's curl loops, and bring it down again."""
+    """Up, the article's curl loops, down (make lab).
+
+    The loops are the article's, without its `sleep 5`, printed as a shell transcript. Exits 1
+    if a request was not answered by a pod.
+    """
 
     def action() -> None:
+        _require_root()
         try:
             _bring_up(DEFAULT, proxy_mode)
             ok = demo(DEFAULT, click.echo)
         finally:
             if not keep_up:
-                removed = DEFAULT.down()
-                click.echo(f"kpgen lab: down ({len(removed)} things removed)", err=True)
+                for done in DEFAULT.down():
+                    click.echo(f"kpgen lab: {done}", err=True)
         if not ok:
             raise LabError("some requests were not answered (see above)")
 
