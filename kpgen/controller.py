@@ -141,14 +141,16 @@ class Controller:
             log.warning("%s", problem)
         plans = build_plans(result.state, self.node)
         full = self.need_full or started - self.last_full >= self.timing.sync_period
-        written = None if full else self.loader.partial(plans)
-        kind = "partial"
+        kind = "full" if full else "partial"
         try:
+            written = None if full else self.loader.partial(plans)
             if written is None:
                 kind = "full"
                 self.loader.full(plans)
         except ApplyError:
             self.metrics.sync_failures.inc()
+            if kind == "partial":
+                self.metrics.partial_failures.inc()
             raise
         elapsed = time.monotonic() - started
         now = time.time()
