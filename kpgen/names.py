@@ -9,6 +9,7 @@ they stand for (``KPGEN-SVC-`` + 16 base32 characters of its SHA-256).
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import re
 
@@ -25,10 +26,12 @@ def nft_chain(kind: str, port: PortPlan) -> str:
 
 
 def _hash(text: str) -> str:
-    digest = hashlib.sha256(text.encode()).digest()
-    return base64.b32encode(digest).decode()[:16]
+    # 10 bytes are 16 base32 characters: the same as encoding the whole digest and cutting
+    digest = hashlib.sha256(text.encode()).digest()[:10]
+    return base64.b32encode(digest).decode()
 
 
+@functools.lru_cache(maxsize=1 << 17)
 def ipt_chain(kind: str, port: PortPlan, backend: Backend | None = None) -> str:
     """``KPGEN-SVC-``, ``KPGEN-EXT-`` or (with ``backend``) ``KPGEN-SEP-`` + a hash."""
     what = port.key if backend is None else f"{port.key}/{backend.address}/{backend.port}"
