@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -109,7 +110,10 @@ def health_server(
         def log_message(self, format: str, *args: Any) -> None:
             log.debug("healthz: " + format, *args)
 
-    server = ThreadingHTTPServer(address, Handler)
+    class Server(ThreadingHTTPServer):
+        address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+
+    server = Server(address, Handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="healthz", daemon=True).start()
     return server
@@ -130,7 +134,8 @@ class Controller:
         self.need_full = True
         self.last_full = 0.0
         self.last_sync = 0.0
-        self.backoff = Backoff(initial=timing.min_sync_period, cap=timing.sync_period)
+        # never a busy loop, even with --min-sync-period 0
+        self.backoff = Backoff(initial=max(timing.min_sync_period, 0.1), cap=timing.sync_period)
         self.syncs = 0
 
     def sync(self, snapshot: Snapshot) -> None:
@@ -202,9 +207,13 @@ class Controller:
             return
         log.info("initial lists complete")
         while not stop.is_set():
-            if not self.need_full:
-                until_full = self.timing.sync_period - (time.monotonic() - self.last_full)
-                self.store.wait(max(0.0, until_full), lambda: stop.is_set() or self.store.pending())
+            if not self.need_full:  # wait for a change, or the periodic full sync
+                deadline = self.last_full + self.timing.sync_period
+                while not stop.is_set() and time.monotonic() < deadline:
+                    # in short slices, so that a stop is noticed even without a wake()
+                    remaining = min(0.5, deadline - time.monotonic())
+                    if self.store.wait(max(0.0, remaining), self.store.pending):
+                        break
             since = time.monotonic() - self.last_sync
             if since < self.timing.min_sync_period:  # debounce: let changes gather
                 stop.wait(self.timing.min_sync_period - since)
@@ -291,12 +300,17 @@ def run(node: NodeConfig, settings: RunSettings) -> int:
     from kpgen.sources import NODE, SERVICE, SLICE, ManifestWatcher, api_client, api_informers
 
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     metrics = Metrics(node.mode.value)
     health = Health(settings.timing)
     holder: list[Controller] = []
     store = Store((SERVICE, SLICE, NODE), on_change=lambda: holder[0].on_change())
+
+    def shut_down(*_: Any) -> None:
+        stop.set()
+        store.wake()  # the loop may be waiting on the store, not on the stop event
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, shut_down)
     controller = Controller(
         node,
         store,

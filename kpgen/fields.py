@@ -176,12 +176,17 @@ class Field:
             raise self.invalid(f"{show(text)} is not one of {allowed}") from None
 
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_UNIT_SECONDS = {
+    "ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0
+}  # fmt: skip
 
 
 def parse_duration(text: str) -> float:
-    """A Go duration as kube-proxy's flags take it (``1s``, ``500ms``, ``1m30s``), in seconds."""
+    """A Go duration as kube-proxy's flags take it (``1s``, ``500ms``, ``1m30s``, ``0``), in
+    seconds."""
+    if text == "0":
+        return 0.0
     parts = _DURATION_PART.findall(text)
     if not text or "".join(n + u for n, u in parts) != text:
         raise ValueError(f"{show(text)} is not a duration (like 1s, 500ms, 1m30s)")

@@ -67,8 +67,9 @@ class Store:
         self._synced: set[str] = set()
         self._on_change = on_change
         self._changes = Snapshot([])
+        self._started = time.time()
 
-    def _note(self, kind: str, obj: dict[str, Any] | None) -> None:
+    def _note(self, kind: str, obj: dict[str, Any] | None, deleted: bool = False) -> None:
         now = time.time()
         changes = self._changes
         if changes.first_change is None:
@@ -77,7 +78,11 @@ class Store:
             changes.service_changes += 1
         elif kind == SLICE:
             changes.endpoint_changes += 1
-            changes.triggers.append(_trigger_time(obj or {}, now))
+            # As kube-proxy: no programming latency for deletions, nor for changes made
+            # before this process started (their age is not our latency).
+            trigger = _trigger_time(obj or {}, now)
+            if not deleted and trigger >= int(self._started):  # the annotation has seconds
+                changes.triggers.append(trigger)
 
     def replace(self, kind: str, objects: list[dict[str, Any]]) -> None:
         """The complete list of ``kind`` (after a list): differences count as changes."""
@@ -86,7 +91,7 @@ class Store:
             old = self._objects[kind]
             for key in old.keys() | fresh.keys():
                 if old.get(key) != fresh.get(key):
-                    self._note(kind, fresh.get(key) or old.get(key))
+                    self._note(kind, fresh.get(key) or old.get(key), deleted=key not in fresh)
             self._objects[kind] = fresh
             notify = kind not in self._synced or self._changes.first_change is not None
             self._synced.add(kind)
@@ -107,7 +112,7 @@ class Store:
                 if objects.get(key) == typed:
                     return
                 objects[key] = typed
-            self._note(kind, obj)
+            self._note(kind, obj, deleted=event == "DELETED")
             self._cond.notify_all()
         self._on_change()
 
@@ -159,7 +164,7 @@ class Backoff:
         self.initial, self.cap, self.failures = initial, cap, 0
 
     def next(self) -> float:
-        delay = min(self.cap, self.initial * 2**self.failures)
+        delay = min(self.cap, self.initial * 2 ** min(self.failures, 32))
         self.failures += 1
         return float(delay * random.uniform(0.8, 1.2))
 
