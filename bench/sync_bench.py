@@ -161,9 +161,8 @@ def main() -> None:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    print(
-        f"{'services':>8} {'mode':>9} {'first sync s':>12} {'median ms':>9} {'p90 ms':>7} {'max ms':>7}"
-    )
+    header = ("services", "mode", "first sync s", "median ms", "p90 ms", "max ms")
+    print("{:>8} {:>9} {:>12} {:>9} {:>7} {:>7}".format(*header))
     for size in (int(s) for s in args.sizes.split(",")):
         r = measure(size, args.endpoints, args.changes, args.mode)
         print(
