@@ -48,8 +48,12 @@ VARIANTS = (
     ("no rules", None, None, ""),
     ("nftables", ProxyMode.NFTABLES, ["nft", "-f"], "10.96.0.0/12"),
     ("iptables-legacy", ProxyMode.IPTABLES, ["iptables-legacy-restore"], ""),
-    ("iptables-legacy, --service-cidr", ProxyMode.IPTABLES, ["iptables-legacy-restore"],
-     "10.96.0.0/12"),
+    (
+        "iptables-legacy, --service-cidr",
+        ProxyMode.IPTABLES,
+        ["iptables-legacy-restore"],
+        "10.96.0.0/12",
+    ),
 )
 
 
@@ -67,8 +71,14 @@ def probe(services: int, endpoints: int, connects: int, rounds: int) -> list[dic
                     command = [*exec_, *loader] + ([str(rules)] if loader[0] == "nft" else [])
                     subprocess.run(command, stdin=stdin, check=True)
             medians = [
-                float(subprocess.run([*exec_, sys.executable, "-c", PROBE, str(connects), "100"],
-                                     capture_output=True, text=True, check=True).stdout)
+                float(
+                    subprocess.run(
+                        [*exec_, sys.executable, "-c", PROBE, str(connects), "100"],
+                        capture_output=True,
+                        text=True,
+                        check=True,
+                    ).stdout
+                )
                 for _ in range(rounds)
             ]
         rows.append({"variant": label, "service_cidr": service_cidr, "median_us": medians})
@@ -87,8 +97,10 @@ def main() -> None:
     if args.json:
         print(json.dumps({"machine": machine(), "params": vars(args), "rows": rows}, indent=2))
         return
-    print(f"{args.services} services x {args.endpoints} endpoints: median loopback connect(), "
-          f"microseconds, {args.rounds} rounds of {args.connects}")
+    print(
+        f"{args.services} services x {args.endpoints} endpoints: median loopback connect(), "
+        f"microseconds, {args.rounds} rounds of {args.connects}"
+    )
     for row in rows:
         medians = ", ".join(f"{m:.0f}" for m in row["median_us"])  # type: ignore[attr-defined]
         print(f"  {row['variant']:<34} {medians}")

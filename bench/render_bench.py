@@ -190,8 +190,14 @@ class Timing:
         return statistics.median(self.runs)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage, "best": self.best, "median": self.median,
-                "runs": self.runs, "note": self.note, "max_rss_mb": self.max_rss_mb}
+        return {
+            "stage": self.stage,
+            "best": self.best,
+            "median": self.median,
+            "runs": self.runs,
+            "note": self.note,
+            "max_rss_mb": self.max_rss_mb,
+        }
 
 
 def timed(
@@ -260,13 +266,24 @@ def run_child(
                 err.open("wb") as stderr,
                 (stdin or Path(os.devnull)).open("rb") as input_,
             ):
-                subprocess.run([sys.executable, "-c", _SPAWN, str(measured), *command],
-                               stdin=input_, stdout=stdout, stderr=stderr, check=True)
+                subprocess.run(
+                    [sys.executable, "-c", _SPAWN, str(measured), *command],
+                    stdin=input_,
+                    stdout=stdout,
+                    stderr=stderr,
+                    check=True,
+                )
             m = json.loads(measured.read_text())
-            children.append(Child(m["returncode"], m["seconds"], m["max_rss_kb"] / 1024,
-                                  out.read_text(encoding="utf-8"), err.read_text(encoding="utf-8")))
-    timing = Timing(stage, [c.seconds for c in children], note,
-                    max(c.max_rss_mb for c in children))
+            children.append(
+                Child(
+                    m["returncode"],
+                    m["seconds"],
+                    m["max_rss_kb"] / 1024,
+                    out.read_text(encoding="utf-8"),
+                    err.read_text(encoding="utf-8"),
+                )
+            )
+    timing = Timing(stage, [c.seconds for c in children], note, max(c.max_rss_mb for c in children))
     return timing, children[-1]
 
 
@@ -320,13 +337,23 @@ def machine() -> dict[str, Any]:
 
 def node_settings(mode: ProxyMode, service_cidr: str) -> tuple[NodeConfig, list[str]]:
     """The node the rules are for, as a NodeConfig and as the same ``kpgen`` flags."""
-    flags = ["--proxy-mode", mode.value, "--hostname-override", HOSTNAME,
-             "--cluster-cidr", str(POD_CIDR)]
+    flags = [
+        "--proxy-mode",
+        mode.value,
+        "--hostname-override",
+        HOSTNAME,
+        "--cluster-cidr",
+        str(POD_CIDR),
+    ]
     if service_cidr:
         flags += ["--service-cidr", service_cidr]
     config = node_config(
-        NodeFlags(mode=mode.value, hostname=HOSTNAME, cluster_cidrs=[str(POD_CIDR)],
-                  service_cidrs=[service_cidr] if service_cidr else [])
+        NodeFlags(
+            mode=mode.value,
+            hostname=HOSTNAME,
+            cluster_cidrs=[str(POD_CIDR)],
+            service_cidrs=[service_cidr] if service_cidr else [],
+        )
     )
     return config, flags
 
@@ -339,16 +366,21 @@ def kpgen_command() -> list[str]:
 def render_part(args: argparse.Namespace, report: dict[str, Any]) -> list[Timing]:
     n, e, repeat = args.services, args.endpoints, args.repeat
     timings: list[Timing] = []
-    generation, docs = timed("generate the synthetic cluster (not kpgen)", 1,
-                             lambda: synthetic_cluster(n, e))
+    generation, docs = timed(
+        "generate the synthetic cluster (not kpgen)", 1, lambda: synthetic_cluster(n, e)
+    )
     timings.append(generation)
 
     t, result = timed("parse: parse_documents", repeat, lambda: parse_documents(docs))
     timings.append(t)
     gc.disable()
     try:
-        t, _ = timed("parse: parse_documents, garbage collector off", repeat,
-                     lambda: parse_documents(docs), note="what gc.disable()/gc.freeze() would save")
+        t, _ = timed(
+            "parse: parse_documents, garbage collector off",
+            repeat,
+            lambda: parse_documents(docs),
+            note="what gc.disable()/gc.freeze() would save",
+        )
     finally:
         gc.enable()
     timings.append(t)
@@ -362,23 +394,30 @@ def render_part(args: argparse.Namespace, report: dict[str, Any]) -> list[Timing
     # the first render compiles the template: time it apart, on an empty cluster
     for mode in ProxyMode:
         empty = build_plan(ClusterState(), nodes[mode][0], IPFamily.V4)
-        cold, _ = timed(f"template load + compile, {mode.value} (first render, empty cluster)",
-                        1, partial(render_plan, empty, mode))
+        cold, _ = timed(
+            f"template load + compile, {mode.value} (first render, empty cluster)",
+            1,
+            partial(render_plan, empty, mode),
+        )
         timings.append(cold)
 
     t, plan = timed("plan: build_plan", repeat, lambda: build_plan(state, node, IPFamily.V4))
     timings.append(t)
     texts: dict[ProxyMode, str] = {}
     for mode in ProxyMode:
-        t, texts[mode] = timed(f"render: render_plan, {mode.value}", repeat,
-                               partial(render_plan, plan, mode))
+        t, texts[mode] = timed(
+            f"render: render_plan, {mode.value}", repeat, partial(render_plan, plan, mode)
+        )
         timings.append(t)
     totals: dict[str, Timing] = {}
     for mode in ProxyMode:
         config = nodes[mode][0]
-        t, text = timed(f"model to text: render(), {mode.value} (plan + render)", repeat,
-                        partial(render, state, config),
-                        note=f"target < {TARGET_SECONDS:g} s")
+        t, text = timed(
+            f"model to text: render(), {mode.value} (plan + render)",
+            repeat,
+            partial(render, state, config),
+            note=f"target < {TARGET_SECONDS:g} s",
+        )
         timings.append(t)
         totals[mode.value] = t
         assert text == texts[mode], "render() and build_plan + render_plan disagree"
@@ -396,18 +435,26 @@ def render_part(args: argparse.Namespace, report: dict[str, Any]) -> list[Timing
         paths = write_manifests(docs, Path(tmp))
         report["manifest_bytes"] = {kind: p.stat().st_size for kind, p in paths.items()}
         for kind, path in paths.items():
-            t, _ = timed(f"decode: load_documents, {kind} file", repeat,
-                         partial(load_documents, [str(path)]), freeze=True)
+            t, _ = timed(
+                f"decode: load_documents, {kind} file",
+                repeat,
+                partial(load_documents, [str(path)]),
+                freeze=True,
+            )
             timings.append(t)
         if not args.no_e2e:
-            t, _ = run_child([*kpgen_command(), "--version"], args.e2e_repeat,
-                             "end to end: kpgen --version (start-up only)")
+            t, _ = run_child(
+                [*kpgen_command(), "--version"],
+                args.e2e_repeat,
+                "end to end: kpgen --version (start-up only)",
+            )
             timings.append(t)
             for kind, path in paths.items():
                 for mode in ProxyMode:
                     command = [*kpgen_command(), "render", "-f", str(path), *nodes[mode][1]]
                     t, done = run_child(
-                        command, args.e2e_repeat,
+                        command,
+                        args.e2e_repeat,
                         f"end to end: kpgen render -f FILE.{kind}, {mode.value}",
                         "subprocess: start-up + decode + parse + plan + render + write",
                     )
@@ -526,8 +573,7 @@ def scaling_part(args: argparse.Namespace, report: dict[str, Any]) -> list[dict[
         texts: dict[ProxyMode, str] = {}
         for mode in ProxyMode:
             config = node_settings(mode, args.service_cidr)[0]
-            t, texts[mode] = timed("model to text", args.repeat,
-                                   partial(render, state, config))
+            t, texts[mode] = timed("model to text", args.repeat, partial(render, state, config))
             row[f"render_{mode.value}"] = t.best
             row[f"bytes_{mode.value}"] = len(texts[mode].encode())
         if args.kernel:
@@ -542,8 +588,10 @@ def scaling_part(args: argparse.Namespace, report: dict[str, Any]) -> list[dict[
                         row[loader] = None
                         row[f"{loader}_note"] = f"skipped above {args.iptables_nft_max} services"
                         continue
-                    loads = [load_once(loader, size, files[mode], texts[mode])
-                             for _ in range(args.kernel_repeat)]
+                    loads = [
+                        load_once(loader, size, files[mode], texts[mode])
+                        for _ in range(args.kernel_repeat)
+                    ]
                     good = [x.seconds for x in loads if x.ok and x.seconds is not None]
                     row[loader] = min(good) if good else None
                     row[f"{loader}_runs"] = [x.seconds for x in loads]
@@ -574,11 +622,16 @@ def progress(message: str) -> None:
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(headers)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
+
     def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
     return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
 
 
@@ -589,42 +642,70 @@ def seconds(value: float | None) -> str:
 def print_report(report: dict[str, Any]) -> None:
     m = report["machine"]
     dirty = " + uncommitted changes in kpgen/ or templates/" if m["kpgen_dirty"] else ""
-    print(f"kpgen render benchmark (commit {m['kpgen_commit']}{dirty}; "
-          f"sources sha256 {m['kpgen_sources_sha256']})")
-    print(f"machine: {m['nproc']} CPUs ({m['cpu']}), kernel {m['kernel']}, Python {m['python']}, "
-          f"jinja2 {m['jinja2']}, PyYAML {m['pyyaml']} (C loader: {m['yaml_c_loader']})")
+    print(
+        f"kpgen render benchmark (commit {m['kpgen_commit']}{dirty}; "
+        f"sources sha256 {m['kpgen_sources_sha256']})"
+    )
+    print(
+        f"machine: {m['nproc']} CPUs ({m['cpu']}), kernel {m['kernel']}, Python {m['python']}, "
+        f"jinja2 {m['jinja2']}, PyYAML {m['pyyaml']} (C loader: {m['yaml_c_loader']})"
+    )
     print(f"tools: {m['nft']}; {m['iptables']}; {m['iptables_legacy']}")
     if "stages" in report:
         p = report["params"]
-        print(f"\ncluster: {p['services']} services x {p['endpoints']} endpoints, one TCP port "
-              f"each, every {NODEPORT_EVERY}th a NodePort, every {EXTERNAL_IP_EVERY}th with an "
-              f"externalIP; node {HOSTNAME}, --cluster-cidr {POD_CIDR}"
-              + (f", --service-cidr {p['service_cidr']}" if p["service_cidr"] else ""))
-        print(f"seconds, best and median of the runs (in-process: {p['repeat']}, "
-              f"subprocess: {p['e2e_repeat']})\n")
-        rows = [[s["stage"], seconds(s["best"]), seconds(s["median"]), str(len(s["runs"])),
-                 "" if s["max_rss_mb"] is None else f"{s['max_rss_mb']:.0f}"]
-                for s in report["stages"]]
+        print(
+            f"\ncluster: {p['services']} services x {p['endpoints']} endpoints, one TCP port "
+            f"each, every {NODEPORT_EVERY}th a NodePort, every {EXTERNAL_IP_EVERY}th with an "
+            f"externalIP; node {HOSTNAME}, --cluster-cidr {POD_CIDR}"
+            + (f", --service-cidr {p['service_cidr']}" if p["service_cidr"] else "")
+        )
+        print(
+            f"seconds, best and median of the runs (in-process: {p['repeat']}, "
+            f"subprocess: {p['e2e_repeat']})\n"
+        )
+        rows = [
+            [
+                s["stage"],
+                seconds(s["best"]),
+                seconds(s["median"]),
+                str(len(s["runs"])),
+                "" if s["max_rss_mb"] is None else f"{s['max_rss_mb']:.0f}",
+            ]
+            for s in report["stages"]
+        ]
         print(table(["stage", "best", "median", "runs", "peak RSS MB"], rows))
         out = report["output"]
-        print("\noutput: " + ", ".join(f"{mode} {o['bytes'] / 1e6:.1f} MB, {o['lines']} lines"
-                                       for mode, o in out.items()))
-        print("manifests: " + ", ".join(f"{k} {v / 1e6:.1f} MB"
-                                        for k, v in report["manifest_bytes"].items()))
+        print(
+            "\noutput: "
+            + ", ".join(
+                f"{mode} {o['bytes'] / 1e6:.1f} MB, {o['lines']} lines" for mode, o in out.items()
+            )
+        )
+        print(
+            "manifests: "
+            + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in report["manifest_bytes"].items())
+        )
         for mode, t in report["target"].items():
             verdict = "met" if t["met"] else "NOT met"
-            print(f"target, model to text < {t['target']:g} s, {mode}: best {t['best']:.3f} s: "
-                  f"{verdict}")
+            print(
+                f"target, model to text < {t['target']:g} s, {mode}: best {t['best']:.3f} s: "
+                f"{verdict}"
+            )
     if report.get("scaling"):
         rows_in = report["scaling"]
         keys = ["render_nftables", "render_iptables"]
         if report["params"]["kernel"]:
             keys += [k for k in LOADERS if any(k in r for r in rows_in)]
         headers = ["services", *[k.replace("render_", "render ") for k in keys]]
-        print(f"\nscaling: seconds (render: best of {report['params']['repeat']}; "
-              f"loads: best of {report['params']['kernel_repeat']}, each into a fresh netns)\n")
-        print(table(headers, [[str(r["services"]), *[seconds(r.get(k)) for k in keys]]
-                              for r in rows_in]))
+        print(
+            f"\nscaling: seconds (render: best of {report['params']['repeat']}; "
+            f"loads: best of {report['params']['kernel_repeat']}, each into a fresh netns)\n"
+        )
+        print(
+            table(
+                headers, [[str(r["services"]), *[seconds(r.get(k)) for k in keys]] for r in rows_in]
+            )
+        )
         if report["params"]["kernel"]:
             print(f"\nevery load includes `ip netns exec` ({report['netns_exec_overhead']:.3f} s)")
             for r in rows_in:
@@ -643,43 +724,89 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--services", type=int, default=10000, help="services (default 10000)")
     parser.add_argument("--endpoints", type=int, default=5, help="endpoints per service (5)")
-    parser.add_argument("--repeat", type=int, default=5,
-                        help="runs of each in-process stage (default 5: best and median)")
-    parser.add_argument("--e2e-repeat", type=int, default=3,
-                        help="runs of each end-to-end subprocess (default 3)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=5,
+        help="runs of each in-process stage (default 5: best and median)",
+    )
+    parser.add_argument(
+        "--e2e-repeat", type=int, default=3, help="runs of each end-to-end subprocess (default 3)"
+    )
     parser.add_argument("--no-e2e", action="store_true", help="skip the subprocess runs")
-    parser.add_argument("--service-cidr", default=str(SERVICE_CIDR),
-                        help=f"the node's --service-cidr (default {SERVICE_CIDR}; '' for none)")
-    parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",") if x],
-                        help="service counts for the scaling table (e.g. 1000,2000,4000,10000)")
-    parser.add_argument("--kernel", action="store_true",
-                        help="also time loading the rules into throwaway network namespaces")
-    parser.add_argument("--kernel-repeat", type=int, default=1,
-                        help="loads per loader and size, each into a fresh namespace (default 1)")
-    parser.add_argument("--iptables-nft-max", type=int, default=2000,
-                        help="skip iptables-nft-restore above this many services (default 2000; "
-                             "it takes minutes at 10,000)")
-    parser.add_argument("--skip-loader", action="append", default=[], choices=list(LOADERS),
-                        help="leave a loader out (repeatable)")
-    parser.add_argument("--no-render", action="store_true",
-                        help="skip the per-stage render part (only the scaling/kernel part)")
+    parser.add_argument(
+        "--service-cidr",
+        default=str(SERVICE_CIDR),
+        help=f"the node's --service-cidr (default {SERVICE_CIDR}; '' for none)",
+    )
+    parser.add_argument(
+        "--sizes",
+        type=lambda s: [int(x) for x in s.split(",") if x],
+        help="service counts for the scaling table (e.g. 1000,2000,4000,10000)",
+    )
+    parser.add_argument(
+        "--kernel",
+        action="store_true",
+        help="also time loading the rules into throwaway network namespaces",
+    )
+    parser.add_argument(
+        "--kernel-repeat",
+        type=int,
+        default=1,
+        help="loads per loader and size, each into a fresh namespace (default 1)",
+    )
+    parser.add_argument(
+        "--iptables-nft-max",
+        type=int,
+        default=2000,
+        help="skip iptables-nft-restore above this many services (default 2000; "
+        "it takes minutes at 10,000)",
+    )
+    parser.add_argument(
+        "--skip-loader",
+        action="append",
+        default=[],
+        choices=list(LOADERS),
+        help="leave a loader out (repeatable)",
+    )
+    parser.add_argument(
+        "--no-render",
+        action="store_true",
+        help="skip the per-stage render part (only the scaling/kernel part)",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--save", metavar="FILE", help="also write the results as JSON to FILE")
     args = parser.parse_args()
     if args.kernel:
         if os.geteuid() != 0:
             raise SystemExit("render_bench: --kernel needs root (ip netns add)")
-        missing = [t for t in ("ip", "nft", "iptables-legacy-restore", "iptables-nft-restore")
-                   if shutil.which(t) is None]
+        missing = [
+            t
+            for t in ("ip", "nft", "iptables-legacy-restore", "iptables-nft-restore")
+            if shutil.which(t) is None
+        ]
         if missing:
             raise SystemExit(f"render_bench: --kernel needs {', '.join(missing)}")
     if args.kernel and not args.sizes:
         args.sizes = [args.services]
 
-    report: dict[str, Any] = {"machine": machine(), "params": {
-        k: getattr(args, k) for k in ("services", "endpoints", "repeat", "e2e_repeat",
-                                      "service_cidr", "sizes", "kernel", "kernel_repeat",
-                                      "iptables_nft_max")}}
+    report: dict[str, Any] = {
+        "machine": machine(),
+        "params": {
+            k: getattr(args, k)
+            for k in (
+                "services",
+                "endpoints",
+                "repeat",
+                "e2e_repeat",
+                "service_cidr",
+                "sizes",
+                "kernel",
+                "kernel_repeat",
+                "iptables_nft_max",
+            )
+        },
+    }
     if not args.no_render:
         progress(f"render part: {args.services} x {args.endpoints}")
         report["stages"] = [t.as_dict() for t in render_part(args, report)]
