@@ -281,6 +281,7 @@ class Informer(threading.Thread):
         kind, obj = event.get("type"), event.get("raw_object") or event.get("object")
         if not isinstance(obj, dict):
             return None
+        self.backoff.reset()  # the stream works again, bookmarks included
         if kind == "ERROR":
             if obj.get("code") == 410:
                 raise Gone()
@@ -288,7 +289,6 @@ class Informer(threading.Thread):
         version = (obj.get("metadata") or {}).get("resourceVersion")
         if kind in ("ADDED", "MODIFIED", "DELETED"):
             self.store.apply(self.kind, str(kind), obj)
-            self.backoff.reset()
         return str(version) if version else None
 
 

@@ -442,10 +442,18 @@ class ApiServer:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def start(self) -> ApiServer:
+    def start(self, listener: socket.socket | None = None) -> ApiServer:
+        """Serve on 127.0.0.1 on a free port, or on ``listener``, a listening socket made
+        elsewhere (in another network namespace, say: a socket stays in the namespace it was
+        made in)."""
         if self._httpd is not None:
             return self
-        self._httpd = _HTTPServer(("127.0.0.1", 0), _Handler)
+        if listener is None:
+            self._httpd = _HTTPServer(("127.0.0.1", 0), _Handler)
+        else:
+            self._httpd = _HTTPServer(listener.getsockname(), _Handler, bind_and_activate=False)
+            self._httpd.socket.close()
+            self._httpd.socket = listener
         self._httpd.api = self
         self._thread = threading.Thread(
             target=self._httpd.serve_forever,
@@ -484,7 +492,10 @@ class ApiServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        if self._httpd is None:
+            raise RuntimeError("the API server is not started")
+        host, port = self._httpd.socket.getsockname()[:2]
+        return f"http://{host}:{port}"
 
     def kubeconfig(self, path: str | Path) -> Path:
         """Write a kubeconfig for this server (no authentication) and return its path."""
