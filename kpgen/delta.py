@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from kpgen.names import NFT_TABLE
 
 # nftables chains that belong to one service port, as templates/nftables.nft.j2 names them.
-NFT_SERVICE_CHAIN = re.compile(r"^(service|external)-")
+NFT_SERVICE_CHAIN = re.compile(r"^(service|local|external|firewall)-")
 _BLOCK = re.compile(r"^\t(chain|set|map) (\S+) \{$")
 
 

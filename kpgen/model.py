@@ -139,6 +139,15 @@ class EndpointConditions:
         """kube-proxy treats an absent ``ready`` as ready."""
         return self.ready is not False
 
+    @property
+    def is_serving(self) -> bool:
+        """An absent ``serving`` means what ``ready`` means (older controllers)."""
+        return self.is_ready if self.serving is None else self.serving
+
+    @property
+    def is_terminating(self) -> bool:
+        return self.terminating is True
+
 
 @dataclass(frozen=True)
 class Endpoint:
@@ -171,8 +180,25 @@ class EndpointSlice:
 
 
 @dataclass(frozen=True)
+class Node:
+    """What a proxy reads of a Node: its zone label and its addresses."""
+
+    name: str
+    zone: str | None = None
+    addresses: tuple[IPAddress, ...] = ()
+
+    @property
+    def ref(self) -> ObjectRef:
+        return ObjectRef("", self.name)
+
+
+@dataclass(frozen=True)
 class ClusterState:
-    """Everything a proxy knows about the cluster: valid services and slices, sorted."""
+    """Everything a proxy knows about the cluster: valid services, slices and nodes, sorted."""
 
     services: tuple[Service, ...] = ()
     slices: tuple[EndpointSlice, ...] = ()
+    nodes: tuple[Node, ...] = ()
+
+    def node(self, name: str) -> Node | None:
+        return next((n for n in self.nodes if n.name == name), None)

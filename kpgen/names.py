@@ -21,7 +21,9 @@ _IPT_CHAIN = re.compile(r"^KPGEN-[A-Z0-9-]{1,22}$")
 
 
 def nft_chain(kind: str, port: PortPlan) -> str:
-    """``service-…`` (balances over endpoints) or ``external-…`` (masquerades, then balances)."""
+    """``service-…`` (balances over the cluster's endpoints), ``local-…`` (over this node's),
+    ``external-…`` (external destinations: masquerade, policy) or ``firewall-…`` (LB source
+    ranges)."""
     return f"{kind}-{port.key}"
 
 

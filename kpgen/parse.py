@@ -25,6 +25,7 @@ from kpgen.model import (
     DEFAULT_AFFINITY_TIMEOUT,
     SERVICE_NAME_LABEL,
     SERVICE_PROXY_NAME_LABEL,
+    ZONE_LABEL,
     ClusterState,
     Endpoint,
     EndpointConditions,
@@ -32,6 +33,7 @@ from kpgen.model import (
     EndpointSlice,
     IPAddress,
     IPFamily,
+    Node,
     ObjectRef,
     Protocol,
     Service,
@@ -43,6 +45,7 @@ from kpgen.model import (
 
 SERVICE_API = ("v1", "Service")
 SLICE_API = ("discovery.k8s.io/v1", "EndpointSlice")
+NODE_API = ("v1", "Node")
 
 
 @dataclass(frozen=True)
@@ -308,11 +311,30 @@ def parse_slice(doc: Field) -> EndpointSlice:
     )
 
 
+def parse_node(doc: Field) -> Node:
+    """The zone label and the internal and external addresses of a Node."""
+    meta = doc["metadata"]
+    zone = _labels(meta).get(ZONE_LABEL)
+    status = doc.get("status")
+    listed = status.get("addresses") if status else None
+    addresses = []
+    for entry in listed.items() if listed else ():
+        kind = entry.get("type")
+        if kind is not None and kind.string() in ("InternalIP", "ExternalIP"):
+            addresses.append(entry["address"].ip())
+    return Node(
+        name=meta["name"].name(DNS1123_SUBDOMAIN, SUBDOMAIN_MAX),
+        zone=Field(zone, f"metadata.labels.{ZONE_LABEL}").string() if zone is not None else None,
+        addresses=tuple(dict.fromkeys(addresses)),
+    )
+
+
 # --- Documents --------------------------------------------------------------------------
 
-_PARSERS: dict[tuple[str, str], Callable[[Field], Service | EndpointSlice]] = {
+_PARSERS: dict[tuple[str, str], Callable[[Field], Service | EndpointSlice | Node]] = {
     SERVICE_API: parse_service,
     SLICE_API: parse_slice,
+    NODE_API: parse_node,
 }
 
 
@@ -372,7 +394,7 @@ def parse_documents(documents: Iterable[Any]) -> ParseResult:
     namespace/name, the later one wins, as a later ``kubectl apply`` would.
     """
     result = ParseResult(ClusterState())
-    parsed: dict[tuple[str, ObjectRef], Service | EndpointSlice] = {}
+    parsed: dict[tuple[str, ObjectRef], Service | EndpointSlice | Node] = {}
     for doc in documents:
         api_version, kind = _api_of(doc)
         parser = _PARSERS.get((api_version, kind))
@@ -394,5 +416,8 @@ def parse_documents(documents: Iterable[Any]) -> ParseResult:
     result.state = ClusterState(
         services=tuple(sorted(services, key=lambda s: s.ref)),
         slices=tuple(sorted(slices, key=lambda s: s.ref)),
+        nodes=tuple(
+            sorted((o for o in parsed.values() if isinstance(o, Node)), key=lambda n: n.name)
+        ),
     )
     return result

@@ -2,17 +2,20 @@
 
 :func:`build_plan` joins Services to their EndpointSlices for one IP family and one node and
 decides every behaviour a user can observe: which addresses each service port answers on,
-which endpoints it balances over, and what is masqueraded. The templates only spell the plan
-out in nftables or iptables syntax, so the two backends cannot disagree about behaviour.
+which endpoints each kind of traffic is balanced over (traffic policies, terminating
+endpoints, topology hints), and what is masqueraded. The templates only spell the plan out in
+nftables or iptables syntax, so the two backends cannot disagree about behaviour.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from kpgen.model import (
     ClusterState,
+    Endpoint,
     EndpointSlice,
     IPAddress,
     IPFamily,
@@ -20,6 +23,7 @@ from kpgen.model import (
     ObjectRef,
     Service,
     ServicePort,
+    TrafficPolicy,
 )
 from kpgen.node import NodeConfig
 
@@ -36,14 +40,24 @@ class Backend:
 
 @dataclass(frozen=True)
 class PortPlan:
-    """One service port on this node: its addresses and the endpoints behind them."""
+    """One service port on this node: its addresses and the endpoints behind them.
+
+    ``cluster_endpoints`` serve traffic under a Cluster policy (ready ones, narrowed by topology
+    hints; serving-and-terminating ones when none is ready), ``local_endpoints`` traffic under a
+    Local policy (this node's ready ones; its serving-and-terminating ones when none is ready).
+    """
 
     service: ObjectRef
     port: ServicePort
     cluster_ip: IPAddress
     external_ips: tuple[IPAddress, ...]
     load_balancer_ips: tuple[IPAddress, ...]
-    endpoints: tuple[Backend, ...]
+    cluster_endpoints: tuple[Backend, ...]
+    local_endpoints: tuple[Backend, ...] = ()
+    internal_local: bool = False
+    external_local: bool = False
+    source_ranges: tuple[IPNetwork, ...] = ()
+    health_check_node_port: int | None = None
 
     @property
     def key(self) -> str:
@@ -64,8 +78,41 @@ class PortPlan:
         return tuple(addresses)
 
     @property
+    def firewalled_addresses(self) -> tuple[IPAddress, ...]:
+        """LB IPs that only ``loadBalancerSourceRanges`` may reach (NodePorts are not
+        restricted, nor are externalIPs)."""
+        if not self.source_ranges:
+            return ()
+        return tuple(a for a in self.external_addresses if a in self.load_balancer_ips)
+
+    @property
     def has_external(self) -> bool:
         return self.port.node_port is not None or bool(self.external_addresses)
+
+    @property
+    def endpoints(self) -> tuple[Backend, ...]:
+        """Every endpoint some traffic may reach."""
+        return tuple(sorted({*self.cluster_endpoints, *self.local_endpoints}))
+
+    @property
+    def has_endpoints(self) -> bool:
+        """False: every kind of traffic to this port is rejected."""
+        return bool(self.cluster_endpoints or self.local_endpoints)
+
+    @property
+    def uses_local_chain(self) -> bool:
+        return self.internal_local or (self.external_local and self.has_external)
+
+    @property
+    def drops_internal(self) -> bool:
+        """internalTrafficPolicy Local and no endpoint here: ClusterIP traffic is dropped."""
+        return self.internal_local and not self.local_endpoints
+
+    @property
+    def drops_external(self) -> bool:
+        """externalTrafficPolicy Local and no endpoint here: traffic from outside is dropped
+        (traffic from pods and from the node still reaches the cluster's endpoints)."""
+        return self.external_local and not self.local_endpoints
 
 
 @dataclass(frozen=True)
@@ -83,12 +130,12 @@ class FamilyPlan:
     @property
     def served(self) -> tuple[PortPlan, ...]:
         """Service ports with endpoints: they DNAT."""
-        return tuple(p for p in self.ports if p.endpoints)
+        return tuple(p for p in self.ports if p.has_endpoints)
 
     @property
     def unserved(self) -> tuple[PortPlan, ...]:
         """Service ports without endpoints: they reject."""
-        return tuple(p for p in self.ports if not p.endpoints)
+        return tuple(p for p in self.ports if not p.has_endpoints)
 
     @property
     def cluster_ips(self) -> tuple[IPAddress, ...]:
@@ -101,12 +148,16 @@ class FamilyPlan:
         return tuple(sorted({b.address for p in self.ports for b in p.endpoints}))
 
 
-def usable_endpoints(
-    port: ServicePort, slices: list[EndpointSlice], hostname: str
-) -> tuple[Backend, ...]:
-    """The endpoints a service port balances over: ready ones (absent ``ready`` counts as
-    ready) of every slice, matched by port name and protocol, without duplicates."""
-    backends: dict[tuple[IPAddress, int], Backend] = {}
+@dataclass(frozen=True)
+class _Candidate:
+    endpoint: Endpoint
+    backend: Backend
+
+
+def _candidates(port: ServicePort, slices: list[EndpointSlice], hostname: str) -> list[_Candidate]:
+    """Every endpoint of the service's slices for ``port``, matched by port name and
+    protocol (the slice's port number is the DNAT target), without duplicates."""
+    found: dict[tuple[IPAddress, int], _Candidate] = {}
     for endpoint_slice in slices:
         target = next(
             (
@@ -119,17 +170,55 @@ def usable_endpoints(
         if target is None:
             continue
         for endpoint in endpoint_slice.endpoints:
-            if endpoint.conditions.is_ready:
-                backends.setdefault(
-                    (endpoint.address, target),
-                    Backend(
-                        endpoint.address,
-                        target,
-                        endpoint.node_name,
-                        endpoint.node_name == hostname,
-                    ),
-                )
-    return tuple(sorted(backends.values()))
+            backend = Backend(
+                endpoint.address, target, endpoint.node_name, endpoint.node_name == hostname
+            )
+            found.setdefault((endpoint.address, target), _Candidate(endpoint, backend))
+    return list(found.values())
+
+
+def _topology(ready: list[_Candidate], hostname: str, zone: str | None) -> list[_Candidate]:
+    """kube-proxy's hints: this node's endpoints if every ready endpoint has node hints and
+    one names this node; else this zone's if every one has zone hints and one names the
+    node's zone; else all of them."""
+    if ready and all(c.endpoint.hints_for_nodes is not None for c in ready):
+        mine = [c for c in ready if hostname in (c.endpoint.hints_for_nodes or ())]
+        if mine:
+            return mine
+    if zone and ready and all(c.endpoint.hints_for_zones is not None for c in ready):
+        near = [c for c in ready if zone in (c.endpoint.hints_for_zones or ())]
+        if near:
+            return near
+    return ready
+
+
+def _usable(candidates: Iterable[_Candidate]) -> tuple[Backend, ...]:
+    """Ready ones; when none is ready, serving-and-terminating ones (KEP-1669)."""
+    pool = list(candidates)
+    ready = [c.backend for c in pool if c.endpoint.conditions.is_ready]
+    if ready:
+        return tuple(sorted(ready))
+    return tuple(
+        sorted(
+            c.backend
+            for c in pool
+            if c.endpoint.conditions.is_serving and c.endpoint.conditions.is_terminating
+        )
+    )
+
+
+def usable_endpoints(
+    port: ServicePort,
+    slices: list[EndpointSlice],
+    hostname: str,
+    zone: str | None = None,
+) -> tuple[tuple[Backend, ...], tuple[Backend, ...]]:
+    """(cluster endpoints, local endpoints) of a service port, as kube-proxy categorises them."""
+    candidates = _candidates(port, slices, hostname)
+    ready = [c for c in candidates if c.endpoint.conditions.is_ready]
+    cluster = _usable(_topology(ready, hostname, zone)) if ready else _usable(candidates)
+    local = _usable(c for c in candidates if c.backend.is_local)
+    return cluster, local
 
 
 def _family_addresses(addresses: tuple[IPAddress, ...], family: IPFamily) -> tuple[IPAddress, ...]:
@@ -150,12 +239,14 @@ def build_plan(state: ClusterState, node: NodeConfig, family: IPFamily) -> Famil
     for endpoint_slice in state.slices:
         if endpoint_slice.family is family:
             slices_of[endpoint_slice.service].append(endpoint_slice)
+    node_object = state.node(node.hostname)
+    zone = node_object.zone if node_object else None
     ports = []
     for service in state.services:
         cluster_ip = service.cluster_ip(family)
         if cluster_ip is None:
             continue
-        ports.extend(_port_plans(service, cluster_ip, slices_of[service.ref], node, family))
+        ports.extend(_port_plans(service, cluster_ip, slices_of[service.ref], node, zone, family))
     return FamilyPlan(
         family=family,
         ports=tuple(sorted(ports, key=lambda p: (p.service, p.port.protocol.value, p.port.port))),
@@ -172,16 +263,27 @@ def _port_plans(
     cluster_ip: IPAddress,
     slices: list[EndpointSlice],
     node: NodeConfig,
+    zone: str | None,
     family: IPFamily,
 ) -> list[PortPlan]:
-    return [
-        PortPlan(
-            service=service.ref,
-            port=port,
-            cluster_ip=cluster_ip,
-            external_ips=_family_addresses(service.external_ips, family),
-            load_balancer_ips=_family_addresses(service.load_balancer_ips, family),
-            endpoints=usable_endpoints(port, slices, node.hostname),
+    plans = []
+    for port in service.ports:
+        cluster, local = usable_endpoints(port, slices, node.hostname, zone)
+        plans.append(
+            PortPlan(
+                service=service.ref,
+                port=port,
+                cluster_ip=cluster_ip,
+                external_ips=_family_addresses(service.external_ips, family),
+                load_balancer_ips=_family_addresses(service.load_balancer_ips, family),
+                cluster_endpoints=cluster,
+                local_endpoints=local,
+                internal_local=service.internal_traffic_policy is TrafficPolicy.LOCAL,
+                external_local=service.external_traffic_policy is TrafficPolicy.LOCAL,
+                source_ranges=tuple(
+                    r for r in service.load_balancer_source_ranges if IPFamily.of(r) is family
+                ),
+                health_check_node_port=service.health_check_node_port,
+            )
         )
-        for port in service.ports
-    ]
+    return plans

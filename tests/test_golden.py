@@ -164,7 +164,7 @@ def test_nodeports_and_external_addresses_go_through_masquerading_external_chain
             "ip saddr != @cluster-cidrs jump mark-for-masquerade",
             "! -s 192.168.0.0/16 -j KPGEN-MARK-MASQ",
         ),
-        ("seed-masquerade-all", "\t\tjump mark-for-masquerade", 'cluster IP" -j KPGEN-MARK-MASQ'),
+        ("seed-masquerade-all", "\t\tjump mark-for-masquerade", "cluster IP\" -d 10."),
         (
             "seed-cluster-cidrs",
             "ip saddr != @cluster-cidrs jump mark-for-masquerade",
@@ -184,7 +184,10 @@ def test_clusterip_masquerade_follows_the_flags(
         if nft_masq is None:
             assert "masquerade" not in body
         else:
-            assert first == f"\t\t{nft_masq.strip()}" or first == nft_masq
+            # only ClusterIP traffic: the rule names the service port's own address and port
+            assert first.startswith("\t\tip daddr 10."), first
+            assert re.search(r" tcp dport \d+ ", first), first
+            assert first.endswith(f" {nft_masq.strip()}"), first
     ipt = render_case(name, "iptables")
     svc_rules = [line for line in ipt.splitlines() if line.startswith("-A KPGEN-SVC-")]
     masq = [line for line in svc_rules if "MARK-MASQ" in line or "MARK-NONCLUSTER" in line]

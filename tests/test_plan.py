@@ -5,8 +5,6 @@ from __future__ import annotations
 import ipaddress
 import random
 
-import pytest
-
 from kpgen.model import (
     ClusterState,
     Endpoint,
@@ -379,15 +377,9 @@ def test_ports_are_ordered_by_service_then_protocol_then_port_whatever_the_input
         assert plan_of(*services, *slices) == first
 
 
-# --- behaviour kube-proxy has that the plan does not ---------------------------------------------
+# --- traffic policies and terminating endpoints (issue 5) ----------------------------------------
 
 
-@pytest.mark.xfail(
-    reason="issue 5, item 3 (not yet): kube-proxy (GA in 1.28) falls back to serving,"
-    " terminating endpoints when a service has no ready one; kpgen rejects the traffic",
-    raises=AssertionError,
-    strict=True,
-)
 def test_serving_terminating_endpoints_are_used_when_no_endpoint_is_ready():
     plan = plan_of(
         svc("web"),
@@ -401,15 +393,12 @@ def test_serving_terminating_endpoints_are_used_when_no_endpoint_is_ready():
     assert addresses(only_port(plan)) == ["10.244.1.1"]
 
 
-@pytest.mark.xfail(
-    reason="issue 5, item 2 (not yet): internalTrafficPolicy Local is not applied: ClusterIP"
-    " traffic is balanced over endpoints of every node, not only this node's",
-    raises=AssertionError,
-    strict=True,
-)
 def test_internal_traffic_policy_local_uses_only_this_nodes_endpoints():
     plan = plan_of(
         svc("web", internal_traffic_policy=TrafficPolicy.LOCAL),
         slc("web-1", "web", ep("10.244.1.1", node=HOSTNAME), ep("10.244.2.1", node="worker-2")),
     )
-    assert addresses(only_port(plan)) == ["10.244.1.1"]
+    port = only_port(plan)
+    assert port.internal_local
+    assert [str(b.address) for b in port.local_endpoints] == ["10.244.1.1"]
+    assert not port.drops_internal

@@ -119,6 +119,11 @@ CASES: dict[str, Case] = {
         _flags(service_cidrs=("10.96.0.0/12", "fd00:10:96::/112")),
         "--service-cidr: unknown ports of ClusterIPs rejected, unallocated addresses dropped",
     ),
+    "policies": Case(
+        INPUTS / "policies.yaml",
+        _flags(),
+        "traffic policies Local, terminating endpoints, zone hints, LB source ranges",
+    ),
     "empty": Case(
         INPUTS / "empty.yaml",
         _flags(),
