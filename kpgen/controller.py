@@ -25,6 +25,7 @@ from typing import Any
 
 from kpgen.apply import ApplyError, RuleLoader
 from kpgen.fields import parse_bind_address, parse_duration
+from kpgen.healthcheck import ServiceHealthChecks
 from kpgen.metrics import Metrics
 from kpgen.node import NodeConfig
 from kpgen.parse import parse_documents
@@ -128,8 +129,10 @@ class Controller:
         metrics: Metrics,
         health: Health,
         timing: Timing,
+        service_checks: ServiceHealthChecks | None = None,
     ) -> None:
         self.node, self.store, self.loader = node, store, loader
+        self.service_checks = service_checks
         self.metrics, self.health, self.timing = metrics, health, timing
         self.need_full = True
         self.last_full = 0.0
@@ -171,6 +174,8 @@ class Controller:
         for trigger in snapshot.triggers:
             self.metrics.programming_duration.observe(max(0.0, now - trigger))
         self.health.updated(self.store.pending_since())
+        if self.service_checks is not None:
+            self.service_checks.update(plans)
         services = sum(len(p.ports) for p in plans)
         what = "nothing" if written == 0 else f"{written} lines" if written else "all rules"
         log.info(
@@ -311,14 +316,9 @@ def run(node: NodeConfig, settings: RunSettings) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, shut_down)
-    controller = Controller(
-        node,
-        store,
-        RuleLoader(node.mode, settings.iptables_backend),
-        metrics,
-        health,
-        settings.timing,
-    )
+    loader = RuleLoader(node.mode, settings.iptables_backend)
+    service_checks = ServiceHealthChecks(proxy_healthy=lambda: health.status()[0])
+    controller = Controller(node, store, loader, metrics, health, settings.timing, service_checks)
     holder.append(controller)
     try:
         if settings.healthz:
