@@ -387,29 +387,39 @@ def _api_of(doc: Any) -> tuple[str, str]:
     )
 
 
-def parse_documents(documents: Iterable[Any]) -> ParseResult:
-    """Turn decoded API objects into a :class:`ClusterState`; bad objects become problems.
+Outcome = Service | EndpointSlice | Node | Problem | Skipped | str
+"""What one document parses to: an object, a problem, a skip, or (a str) an ignored kind."""
 
-    Objects of other kinds are counted in ``ignored``. Of two objects with one kind and
-    namespace/name, the later one wins, as a later ``kubectl apply`` would.
-    """
+
+def parse_object(doc: Any) -> Outcome:
+    """One decoded API object, parsed and validated on its own."""
+    api_version, kind = _api_of(doc)
+    parser = _PARSERS.get((api_version, kind))
+    if parser is None:
+        return f"{kind} ({api_version or 'no apiVersion'})"
+    try:
+        return parser(Field(doc))
+    except _Skip as skip:
+        return Skipped(_display_ref(doc), kind, skip.reason)
+    except Invalid as error:
+        return Problem(_display_ref(doc), kind, error.field, error.problem)
+
+
+def assemble(outcomes: Iterable[Outcome]) -> ParseResult:
+    """The cluster state of parsed objects: conflicts resolved, everything sorted. Of two
+    objects with one kind and namespace/name, the later one wins, as a later ``kubectl
+    apply`` would."""
     result = ParseResult(ClusterState())
-    parsed: dict[tuple[str, ObjectRef], Service | EndpointSlice | Node] = {}
-    for doc in documents:
-        api_version, kind = _api_of(doc)
-        parser = _PARSERS.get((api_version, kind))
-        if parser is None:
-            result.ignored[f"{kind} ({api_version or 'no apiVersion'})"] += 1
-            continue
-        try:
-            obj = parser(Field(doc))
-        except _Skip as skip:
-            result.skipped.append(Skipped(_display_ref(doc), kind, skip.reason))
-            continue
-        except Invalid as error:
-            result.problems.append(Problem(_display_ref(doc), kind, error.field, error.problem))
-            continue
-        parsed[(kind, obj.ref)] = obj
+    parsed: dict[tuple[type, ObjectRef], Service | EndpointSlice | Node] = {}
+    for outcome in outcomes:
+        if isinstance(outcome, str):
+            result.ignored[outcome] += 1
+        elif isinstance(outcome, Skipped):
+            result.skipped.append(outcome)
+        elif isinstance(outcome, Problem):
+            result.problems.append(outcome)
+        else:
+            parsed[(type(outcome), outcome.ref)] = outcome
     services = [o for o in parsed.values() if isinstance(o, Service)]
     slices = [o for o in parsed.values() if isinstance(o, EndpointSlice)]
     services = _conflicts(services, result.problems)
@@ -421,3 +431,27 @@ def parse_documents(documents: Iterable[Any]) -> ParseResult:
         ),
     )
     return result
+
+
+def parse_documents(documents: Iterable[Any]) -> ParseResult:
+    """Turn decoded API objects into a :class:`ClusterState`; bad objects become problems,
+    objects of other kinds are counted in ``ignored``."""
+    return assemble(parse_object(doc) for doc in documents)
+
+
+class ParseCache:
+    """Parses each document once, for the controller: its store keeps a document object until
+    that object changes, so an unchanged document (the same object) is not parsed again."""
+
+    def __init__(self) -> None:
+        self._cache: dict[int, tuple[Any, Outcome]] = {}
+
+    def parse(self, documents: Iterable[Any]) -> ParseResult:
+        fresh: dict[int, tuple[Any, Outcome]] = {}
+        for doc in documents:
+            hit = self._cache.get(id(doc))
+            if hit is None or hit[0] is not doc:
+                hit = (doc, parse_object(doc))
+            fresh[id(doc)] = hit
+        self._cache = fresh
+        return assemble(outcome for _, outcome in fresh.values())
