@@ -225,12 +225,17 @@ def _family_addresses(addresses: tuple[IPAddress, ...], family: IPFamily) -> tup
     return tuple(a for a in addresses if IPFamily.of(a) is family)
 
 
-FAMILIES = (IPFamily.V4,)
+def families(state: ClusterState) -> tuple[IPFamily, ...]:
+    """The IP families to program: IPv4 always, IPv6 too once a service has an IPv6
+    ClusterIP (single-stack IPv6 or dual-stack)."""
+    if any(service.cluster_ip(IPFamily.V6) for service in state.services):
+        return (IPFamily.V4, IPFamily.V6)
+    return (IPFamily.V4,)
 
 
 def build_plans(state: ClusterState, node: NodeConfig) -> tuple[FamilyPlan, ...]:
-    """The plan of every IP family the node serves (IPv4 for now)."""
-    return tuple(build_plan(state, node, family) for family in FAMILIES)
+    """The plan of every IP family the node serves, IPv4 first."""
+    return tuple(build_plan(state, node, family) for family in families(state))
 
 
 def build_plan(state: ClusterState, node: NodeConfig, family: IPFamily) -> FamilyPlan:

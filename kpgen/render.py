@@ -15,7 +15,7 @@ from importlib.resources import files
 import jinja2
 
 from kpgen import names
-from kpgen.model import ClusterState, IPAddress
+from kpgen.model import ClusterState, IPAddress, IPFamily
 from kpgen.node import NodeConfig, ProxyMode
 from kpgen.plan import FamilyPlan, build_plans
 
@@ -112,5 +112,11 @@ def render_plan(
 
 
 def render(state: ClusterState, node: NodeConfig) -> str:
-    """The node's rules in its proxy mode, every family's in turn."""
-    return "".join(render_plan(plan, node.mode) for plan in build_plans(state, node))
+    """The node's rules in its proxy mode, every family's in turn (iptables: the IPv6 part is
+    ip6tables-restore input, headed by a comment saying so)."""
+    parts = []
+    for plan in build_plans(state, node):
+        if node.mode is ProxyMode.IPTABLES and plan.family is IPFamily.V6:
+            parts.append("# ip6tables-restore input (IPv6)\n")
+        parts.append(render_plan(plan, node.mode))
+    return "".join(parts)

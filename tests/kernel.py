@@ -24,6 +24,7 @@ from contextlib import contextmanager
 import pytest
 
 PREFIX = "kpgen-t-"
+IP6TABLES_HEADER = "# ip6tables-restore input (IPv6)\n"
 TIMEOUT = 120
 # root's tools live in sbin, which a non-login PATH may lack
 _SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
@@ -117,9 +118,16 @@ def iptables_load(text: str, namespace: str | None = None) -> tuple[bool, str]:
     nothing about ``text`` alone.
     """
     if namespace is not None:
-        return exec_in(
-            namespace, [tool("iptables-restore") or "iptables-restore", "--noflush"], text
+        # kpgen render prints a dual-stack ruleset as IPv4 input, then IPv6 input under this
+        # header: each part goes to its own restore
+        ipv4, _, ipv6 = text.partition(IP6TABLES_HEADER)
+        ok, stderr = exec_in(
+            namespace, [tool("iptables-restore") or "iptables-restore", "--noflush"], ipv4
         )
+        if ok and ipv6:
+            ip6 = tool("ip6tables-restore") or "ip6tables-restore"
+            return exec_in(namespace, [ip6, "--noflush"], ipv6)
+        return ok, stderr
     with netns() as fresh:
         return iptables_load(text, fresh)
 

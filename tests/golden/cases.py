@@ -124,6 +124,11 @@ CASES: dict[str, Case] = {
         _flags(),
         "traffic policies Local, terminating endpoints, zone hints, LB source ranges",
     ),
+    "dual-stack": Case(
+        INPUTS / "dual-stack.yaml",
+        _flags(cidrs=("10.244.0.0/16", "fd00:10:244::/56")),
+        "an IPv4 and an IPv6 ClusterIP: an ip and an ip6 table (ip6tables input after the v4)",
+    ),
     "empty": Case(
         INPUTS / "empty.yaml",
         _flags(),
