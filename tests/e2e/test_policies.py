@@ -1,0 +1,222 @@
+"""Traffic policies, terminating endpoints, loadBalancerSourceRanges and topology hints, with
+real packets through the seed article's cluster (kpgen/lab.py), in each proxy mode.
+
+    gateway 10.20.30.1 ──┬── k8s-worker01 10.20.30.11 (zone-a) ── pod1 192.168.69.246, test-pod .200
+                         ├── k8s-worker02 10.20.30.12 (zone-b) ── pod2 192.168.79.106
+                         └── k8s-master   10.20.30.10  (no kpgen: a second client outside)
+
+Both workers get the seed cluster plus tests/e2e/data/policies-services.yaml (one service per
+feature, and a Node per worker with its zone) and policies-terminating.yaml. The pods answer
+``GET /whoami`` with their name and the client address they saw. "Dropped" is asserted as a
+connect that times out (curl exit 28 after 1 s), never one that is refused (exit 7).
+"""
+
+from __future__ import annotations
+
+import os
+import types
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from traffic import DATA, E2E, curl, requests
+
+from kpgen.lab import EXTERNAL_IP, MODES, NODE_BY_NAME, SEED, SEED_PODS, WORKERS, Lab
+
+pytestmark = [pytest.mark.kernel, pytest.mark.e2e]
+
+SERVICES = DATA / "policies-services.yaml"
+TERMINATING = DATA / "policies-terminating.yaml"
+TERMINATING_POD2_READY = DATA / "policies-terminating-ready.yaml"
+MANIFESTS = [SEED, SERVICES, TERMINATING]
+
+POD_IP = {pod.name: pod.address for pod in SEED_PODS}
+NODE_IP = {name: node.address for name, node in NODE_BY_NAME.items()}
+GATEWAY = NODE_IP["gateway"]
+LOCAL_POD = {"k8s-worker01": "pod1", "k8s-worker02": "pod2"}
+
+# the services of policies-services.yaml / policies-terminating.yaml
+ETP_LOCAL_NODE_PORT = 30101  # endpoints pod1 and pod2; externalIP 10.20.30.20:8081
+ETP_LOCAL_EXTERNAL_PORT = 8081
+ETP_REMOTE_NODE_PORT = 30102  # endpoint pod2 only
+ITP_LOCAL = ("10.96.100.3", 8080)  # endpoints pod1 and pod2
+ITP_REMOTE = ("10.96.100.4", 8080)  # endpoint pod2 only
+TERMINATING_IP = ("10.96.100.5", 8080)
+LB_IP = "10.20.30.21"  # source-ranges: loadBalancerSourceRanges [10.20.30.1/32]
+LB_PORT = 8080
+LB_NODE_PORT = 30106
+TOPOLOGY = ("10.96.100.7", 8080)  # pod1 hinted for zone-a, pod2 for zone-b
+TOPOLOGY_PARTIAL = ("10.96.100.8", 8080)  # pod1 hinted for zone-a, pod2 without hints
+
+# New connections per check: with two endpoints picked at random, a policy that failed to
+# narrow them would still look right with probability 2**-40.
+REQUESTS = 40
+DROP_TIMEOUT = 1.0  # seconds; curl exit 28 is a timeout, 7 a refusal
+CURL_TIMED_OUT = 28
+
+
+def _e2e_conftest(config: pytest.Config) -> types.ModuleType:
+    """tests/e2e/conftest.py as pytest loaded it (its helpers, without importing it twice)."""
+    wanted = E2E / "conftest.py"
+    for plugin in config.pluginmanager.get_plugins():
+        path = getattr(plugin, "__file__", None)
+        if isinstance(plugin, types.ModuleType) and path and Path(path).resolve() == wanted:
+            return plugin
+    raise LookupError(f"{wanted} is not loaded")
+
+
+@pytest.fixture(scope="module", params=MODES)
+def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
+    """This module's own lab, in place of conftest's ``lab`` ("p": never the name of another
+    module's lab), up in one proxy mode with the policy services on both workers; brought
+    down afterwards, always."""
+    e2e = _e2e_conftest(request.config)
+    e2e._remove_labs_of_dead_runs()
+    instance = Lab(f"e2e{os.getpid()}p-")
+    try:
+        instance.up(request.param)
+        for worker in WORKERS:
+            instance.apply(worker, MANIFESTS)
+        yield instance
+    finally:
+        instance.down()
+    leftovers = [ns for ns in e2e._namespaces() if ns.startswith(instance.prefix)]
+    assert not leftovers, f"lab down left namespaces behind: {leftovers}"
+
+
+def answers(lab: Lab, where: str, host: str, port: int) -> dict[str, list[str]]:
+    """``REQUESTS`` new connections from ``where``, every one answered: each pod that
+    answered, with the client addresses it saw."""
+    tally = requests(lab, where, host, port, REQUESTS)
+    assert tally.failed == 0, f"{host}:{port} from {where}: {tally.errors} {tally.failures[:3]}"
+    return tally.clients
+
+
+def assert_dropped(lab: Lab, where: str, host: str, port: int) -> None:
+    """A new connection from ``where`` gets no answer at all: not refused, not served."""
+    answer = curl(lab, where, f"http://{host}:{port}/whoami", max_time=DROP_TIMEOUT)
+    assert answer.exit_code == CURL_TIMED_OUT, (
+        f"{host}:{port} from {where}: curl exit {answer.exit_code} after {answer.seconds} s, "
+        f"body {answer.body!r} (wanted {CURL_TIMED_OUT}, a timeout: dropped; 7 is refused)"
+    )
+
+
+def ip(lab: Lab, where: str, *argv: str) -> None:
+    result = lab.exec_in(where, ["ip", *argv])
+    assert result.returncode == 0, f"ip {' '.join(argv)} in {where}: {result.stderr}"
+
+
+# --- externalTrafficPolicy: Local -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("worker", WORKERS)
+def test_etp_local_node_port_is_answered_only_by_that_nodes_pod_which_sees_the_client(
+    lab: Lab, worker: str
+) -> None:
+    # not masqueraded: the pod sees the gateway itself, and only the node's own pod answers
+    seen = answers(lab, "gateway", NODE_IP[worker], ETP_LOCAL_NODE_PORT)
+    assert seen == {LOCAL_POD[worker]: [GATEWAY]}
+
+
+def test_etp_local_node_port_without_local_endpoint_drops_outside_traffic_but_serves_pods(
+    lab: Lab,
+) -> None:
+    worker01, worker02 = NODE_IP["k8s-worker01"], NODE_IP["k8s-worker02"]
+    # the only endpoint, pod2, is on worker02: there it answers the gateway ...
+    assert answers(lab, "gateway", worker02, ETP_REMOTE_NODE_PORT) == {"pod2": [GATEWAY]}
+    # ... worker01 drops the gateway's connection (nothing listens on worker01's port 30102:
+    # without kpgen's drop the kernel would refuse it) ...
+    assert_dropped(lab, "gateway", worker01, ETP_REMOTE_NODE_PORT)
+    # ... and still takes a pod's connection to the other node's endpoint (kube-proxy's
+    # short-circuit for pod traffic: the Cluster policy, not masqueraded)
+    seen = answers(lab, "test-pod", worker01, ETP_REMOTE_NODE_PORT)
+    assert seen == {"pod2": [POD_IP["test-pod"]]}
+
+
+def test_etp_local_external_ip_is_answered_only_by_the_local_pod_which_sees_the_client(
+    lab: Lab,
+) -> None:
+    # the gateway routes the externalIP 10.20.30.20 to k8s-worker01 (lab.EXTERNAL_IP_NODE)
+    seen = answers(lab, "gateway", EXTERNAL_IP, ETP_LOCAL_EXTERNAL_PORT)
+    assert seen == {"pod1": [GATEWAY]}
+
+
+# --- internalTrafficPolicy: Local -------------------------------------------------------------
+
+
+def test_itp_local_cluster_ip_reaches_only_the_endpoint_on_the_clients_node(lab: Lab) -> None:
+    # test-pod runs on k8s-worker01, as pod1 does; pod2 (worker02) must never answer
+    seen = answers(lab, "test-pod", *ITP_LOCAL)
+    assert seen == {"pod1": [POD_IP["test-pod"]]}
+    # and from worker02's side (pod2 itself, answered through hairpin) only pod2
+    assert set(answers(lab, "pod2", *ITP_LOCAL)) == {"pod2"}
+
+
+def test_itp_local_cluster_ip_without_local_endpoint_is_dropped(lab: Lab) -> None:
+    # the service works where its endpoint is: worker02 itself reaches pod2 ...
+    assert set(answers(lab, "k8s-worker02", *ITP_REMOTE)) == {"pod2"}
+    # ... but a pod on worker01 gets neither pod2 nor a refusal. (A ClusterIP no rule took
+    # would time out as well, lost at the gateway, which forwards nothing: what this shows is
+    # that the one endpoint is never used from here, and that nothing refuses.)
+    assert_dropped(lab, "test-pod", *ITP_REMOTE)
+
+
+# --- terminating endpoints --------------------------------------------------------------------
+
+
+def test_serving_terminating_endpoint_is_used_only_until_a_ready_one_returns(lab: Lab) -> None:
+    # no endpoint ready: pod1 (serving, terminating) is used, pod2 (not serving) never
+    assert answers(lab, "test-pod", *TERMINATING_IP) == {"pod1": [POD_IP["test-pod"]]}
+    try:
+        # pod2 ready again: ready endpoints first, pod1 is no longer used
+        lab.apply("k8s-worker01", [SEED, SERVICES, TERMINATING_POD2_READY])
+        assert answers(lab, "test-pod", *TERMINATING_IP) == {"pod2": [POD_IP["test-pod"]]}
+    finally:
+        lab.apply("k8s-worker01", MANIFESTS)
+
+
+# --- loadBalancerSourceRanges -----------------------------------------------------------------
+
+
+def test_lb_source_ranges_admit_only_listed_sources_to_the_lb_ip_but_not_the_node_port(
+    lab: Lab,
+) -> None:
+    # The LB IP is routed to k8s-worker01 from two clients on the node network: the gateway
+    # (10.20.30.1, the only source in loadBalancerSourceRanges) and k8s-master (10.20.30.10,
+    # outside it). k8s-master runs no kpgen in the lab, so it is as plain a client as the
+    # gateway, on the same segment; no namespace beyond the lab's own is needed.
+    worker01 = NODE_IP["k8s-worker01"]
+    routed: list[str] = []
+    try:
+        for client in ("gateway", "k8s-master"):
+            ip(lab, client, "route", "add", f"{LB_IP}/32", "via", worker01)
+            routed.append(client)
+        # listed: reaches both endpoints, masqueraded as any external traffic
+        seen = answers(lab, "gateway", LB_IP, LB_PORT)
+        assert seen == {"pod1": [worker01], "pod2": [worker01]}
+        # not listed: dropped, not refused (without the restriction k8s-master is answered)
+        assert_dropped(lab, "k8s-master", LB_IP, LB_PORT)
+        # the same service's NodePort is not restricted
+        seen = answers(lab, "k8s-master", worker01, LB_NODE_PORT)
+        assert seen == {"pod1": [worker01], "pod2": [worker01]}
+    finally:
+        # best effort, so that a failure above is the one reported (lab down removes the
+        # namespaces, routes and all, in any case)
+        for client in routed:
+            lab.exec_in(client, ["ip", "route", "del", f"{LB_IP}/32", "via", worker01])
+
+
+# --- topology hints ---------------------------------------------------------------------------
+
+
+def test_topology_hints_keep_cluster_ip_traffic_in_the_nodes_zone(lab: Lab) -> None:
+    # k8s-worker01 is in zone-a (its Node object); pod1 is hinted for zone-a, pod2 for zone-b
+    assert answers(lab, "test-pod", *TOPOLOGY) == {"pod1": [POD_IP["test-pod"]]}
+    # k8s-worker02 is in zone-b: from its side (pod2 itself, through hairpin) only pod2
+    assert set(answers(lab, "pod2", *TOPOLOGY)) == {"pod2"}
+
+
+def test_topology_hints_are_ignored_when_one_endpoint_has_none(lab: Lab) -> None:
+    seen = answers(lab, "test-pod", *TOPOLOGY_PARTIAL)
+    test_pod = POD_IP["test-pod"]
+    assert seen == {"pod1": [test_pod], "pod2": [test_pod]}
