@@ -18,19 +18,20 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from kpgen import conntrack
 from kpgen.apply import ApplyError, RuleLoader
 from kpgen.fields import parse_bind_address, parse_duration
 from kpgen.healthcheck import ServiceHealthChecks
 from kpgen.metrics import Metrics
 from kpgen.node import NodeConfig
 from kpgen.parse import ParseCache
-from kpgen.plan import build_plans
+from kpgen.plan import FamilyPlan, build_plans
 from kpgen.sources import Backoff, Snapshot, Store
 
 log = logging.getLogger("kpgen.controller")
@@ -131,9 +132,13 @@ class Controller:
         health: Health,
         timing: Timing,
         service_checks: ServiceHealthChecks | None = None,
+        delete_flows: Callable[[Sequence[conntrack.Flow]], int] | None = None,
     ) -> None:
         self.node, self.store, self.loader = node, store, loader
         self.service_checks = service_checks
+        # after each sync, stale UDP conntrack entries are deleted with this (None: not at all)
+        self.delete_flows = delete_flows
+        self.synced_plans: Sequence[FamilyPlan] | None = None
         self.parser = ParseCache()
         self.metrics, self.health, self.timing = metrics, health, timing
         self.need_full = True
@@ -162,6 +167,7 @@ class Controller:
             if kind == "partial":
                 self.metrics.partial_failures.inc()
             raise
+        self._delete_stale_udp_entries(plans)
         elapsed = time.monotonic() - started
         now = time.time()
         self.need_full = False
@@ -200,6 +206,21 @@ class Controller:
                 "duration_ms": round(elapsed * 1000, 1),
             },
         )
+
+    def _delete_stale_udp_entries(self, plans: Sequence[FamilyPlan]) -> None:
+        """After a successful sync: the UDP conntrack entries it made stale (kpgen.conntrack).
+        A failure is logged; the sync stays a success."""
+        previous, self.synced_plans = self.synced_plans, plans
+        if self.delete_flows is None:
+            return
+        try:
+            flows = conntrack.stale_udp_flows(previous, plans)
+            deleted = self.delete_flows(flows) if flows else 0
+        except Exception as error:  # best effort: never fails the sync
+            log.warning("conntrack: stale UDP entries not deleted: %s", error)
+            return
+        if deleted:
+            log.info("conntrack: deleted %d stale UDP entries (%d filters)", deleted, len(flows))
 
     def on_change(self) -> None:
         """Called by the store after every change."""
@@ -323,7 +344,9 @@ def run(node: NodeConfig, settings: RunSettings) -> int:
         signal.signal(sig, shut_down)
     loader = RuleLoader(node.mode, settings.iptables_backend)
     service_checks = ServiceHealthChecks(proxy_healthy=lambda: health.status()[0])
-    controller = Controller(node, store, loader, metrics, health, settings.timing, service_checks)
+    controller = Controller(
+        node, store, loader, metrics, health, settings.timing, service_checks, conntrack.delete
+    )
     holder.append(controller)
     try:
         if settings.healthz:

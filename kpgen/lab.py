@@ -7,7 +7,8 @@ node Calico-style (a /32 address, a default route via 169.254.1.1 answered by pr
 route on the node). The workers route each other's pod CIDRs, the gateway routes the externalIP
 10.20.30.20 to k8s-worker01, and ``kpgen apply`` loads each worker's rules, as kube-proxy would.
 The pods answer HTTP on port 80: ``GET /`` gives their name, ``GET /whoami`` their name and the
-client address they saw (which shows masquerade).
+client address they saw (which shows masquerade). They also answer each UDP datagram to port 80
+with their name and the client address (``pod1 192.168.69.200``), for UDP services.
 
 This module owns the lab's life: :func:`up`, :func:`down`, :func:`status`, running commands in
 it (:func:`exec_in`), more pods (:func:`add_pod`) and rules (:func:`apply`), and the article's
@@ -104,10 +105,13 @@ PREFIX_RE = re.compile(r"^([a-z0-9][a-z0-9-]{0,14})?$")
 
 # The pods' HTTP server, run by Debian's python3 inside the pod's namespace.
 POD_SERVER = '''\
-"""kpgen lab pod: GET / answers "<name>", GET /whoami "<name> <client address>"."""
+"""kpgen lab pod: GET / answers "<name>", GET /whoami "<name> <client address>"; a UDP datagram
+to the same port number is answered with "<name> <client address>"."""
 import http.server
+import socket
 import socketserver
 import sys
+import threading
 
 NAME, PORT = sys.argv[1], int(sys.argv[2])
 
@@ -137,7 +141,23 @@ class Server(http.server.ThreadingHTTPServer):
         self.server_name, self.server_port = NAME, self.server_address[1]
 
 
+def answer_udp(udp):
+    while True:
+        try:
+            _, client = udp.recvfrom(2048)
+            udp.sendto(f"{NAME} {client[0]}\\n".encode(), client)
+        except OSError:
+            pass
+
+
 server = Server(("0.0.0.0", PORT), Handler)
+try:
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("0.0.0.0", PORT))
+except OSError:  # the UDP port is taken: HTTP is served all the same
+    pass
+else:
+    threading.Thread(target=answer_udp, args=(udp,), daemon=True).start()
 print("ready", flush=True)
 server.serve_forever()
 '''
