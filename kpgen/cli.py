@@ -286,19 +286,7 @@ def cleanup_command(proxy_mode: str) -> None:
     "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True
 )
 @_no_traceback
-def run_command(
-    source: str,
-    kubeconfig: str | None,
-    master: str | None,
-    min_sync_period: str,
-    sync_period: str,
-    healthz_bind_address: str,
-    metrics_bind_address: str,
-    iptables_backend: str,
-    verbose: int,
-    log_format: str,
-    **options: Any,
-) -> None:
+def run_command(verbose: int, log_format: str, **options: Any) -> None:
     """Watch the cluster and keep this node's rules in sync (in place of kube-proxy).
 
     Rules are written only once every kind has been listed, then on every change (no more
@@ -307,19 +295,11 @@ def run_command(
     """
     from kpgen.controller import RunSettings, run
 
+    run_flags = {name: options.pop(name) for name in RunSettings.FLAGS}
     node = _node(options)
     setup_logging(verbose, log_format)
     try:
-        settings = RunSettings.parse(
-            source=source,
-            kubeconfig=kubeconfig,
-            master=master,
-            min_sync_period=min_sync_period,
-            sync_period=sync_period,
-            healthz_bind_address=healthz_bind_address,
-            metrics_bind_address=metrics_bind_address,
-            iptables_backend=iptables_backend,
-        )
+        settings = RunSettings.parse(**run_flags)
     except ValueError as error:
         _fail(str(error))
     sys.exit(run(node, settings))

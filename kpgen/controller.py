@@ -280,6 +280,18 @@ class RunSettings:
     metrics: tuple[str, int] | None
     iptables_backend: str
 
+    # the flags of kpgen run that parse() takes (the others are the node's)
+    FLAGS = (
+        "source",
+        "kubeconfig",
+        "master",
+        "min_sync_period",
+        "sync_period",
+        "healthz_bind_address",
+        "metrics_bind_address",
+        "iptables_backend",
+    )
+
     @classmethod
     def parse(
         cls,
