@@ -9,22 +9,19 @@ test fails; a lab left behind by a test run that was killed is removed at the ne
 
 from __future__ import annotations
 
-import os
-import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from kpgen import lab as lab_module
 from kpgen.lab import MODES, SEED, WORKERS, Lab
 
 E2E = Path(__file__).resolve().parent
 if str(E2E) not in sys.path:
-    sys.path.insert(0, str(E2E))  # traffic.py, under every pytest import mode
+    sys.path.insert(0, str(E2E))  # traffic.py, labs.py, under every pytest import mode
 
-PREFIX_RE = re.compile(r"^e2e(\d+)")  # e2e<pid>, maybe more: the state directories of test labs
+import labs  # noqa: E402
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -33,58 +30,29 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
-def _alive(pid: int) -> bool:
-    """Whether a process runs (a zombie, killed but not yet reaped, does not)."""
-    return lab_module.start_time(pid) is not None
-
-
-def _remove_labs_of_dead_runs() -> None:
-    """Labs whose test run was killed before it could bring them down."""
-    try:
-        names = os.listdir(lab_module.STATE_ROOT)
-    except FileNotFoundError:
-        return
-    for name in names:
-        match = PREFIX_RE.match(name)
-        if match and not _alive(int(match.group(1))):
-            Lab(f"{name}-").down()
-
-
-def _prefix(suffix: str = "") -> str:
-    """The start of the namespace names of this test run's labs."""
-    return f"e2e{os.getpid()}{suffix}-"
-
-
 @pytest.fixture(scope="module", params=MODES)
 def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
     """The lab, up with kpgen's rules in one proxy mode; brought down afterwards, always."""
-    _remove_labs_of_dead_runs()
-    instance = Lab(_prefix())
+    labs.remove_labs_of_dead_runs()
+    instance = Lab(labs.prefix())
     try:
         instance.up(request.param)
         yield instance
     finally:
         instance.down()
-    leftovers = [ns for ns in _namespaces() if ns.startswith(instance.prefix)]
+    leftovers = labs.namespaces(instance.prefix)
     assert not leftovers, f"lab down left namespaces behind: {leftovers}"
 
 
 @pytest.fixture
 def spare_lab() -> Iterator[Lab]:
     """A second lab, not up: for tests of bringing labs up and down. Down afterwards."""
-    _remove_labs_of_dead_runs()
-    instance = Lab(_prefix("b"))
+    labs.remove_labs_of_dead_runs()
+    instance = Lab(labs.prefix("b"))
     try:
         yield instance
     finally:
         instance.down()
-
-
-def _namespaces() -> list[str]:
-    try:
-        return os.listdir("/run/netns")
-    except FileNotFoundError:
-        return []
 
 
 @pytest.fixture

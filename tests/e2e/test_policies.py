@@ -13,13 +13,11 @@ connect that times out (curl exit 28 after 1 s), never one that is refused (exit
 
 from __future__ import annotations
 
-import os
-import types
 from collections.abc import Iterator
-from pathlib import Path
 
+import labs
 import pytest
-from traffic import DATA, E2E, curl, requests
+from traffic import DATA, curl, requests
 
 from kpgen.lab import EXTERNAL_IP, MODES, NODE_BY_NAME, SEED, SEED_PODS, WORKERS, Lab
 
@@ -55,24 +53,13 @@ DROP_TIMEOUT = 1.0  # seconds; curl exit 28 is a timeout, 7 a refusal
 CURL_TIMED_OUT = 28
 
 
-def _e2e_conftest(config: pytest.Config) -> types.ModuleType:
-    """tests/e2e/conftest.py as pytest loaded it (its helpers, without importing it twice)."""
-    wanted = E2E / "conftest.py"
-    for plugin in config.pluginmanager.get_plugins():
-        path = getattr(plugin, "__file__", None)
-        if isinstance(plugin, types.ModuleType) and path and Path(path).resolve() == wanted:
-            return plugin
-    raise LookupError(f"{wanted} is not loaded")
-
-
 @pytest.fixture(scope="module", params=MODES)
 def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
     """This module's own lab, in place of conftest's ``lab`` ("p": never the name of another
     module's lab), up in one proxy mode with the policy services on both workers; brought
     down afterwards, always."""
-    e2e = _e2e_conftest(request.config)
-    e2e._remove_labs_of_dead_runs()
-    instance = Lab(f"e2e{os.getpid()}p-")
+    labs.remove_labs_of_dead_runs()
+    instance = Lab(labs.prefix("p"))
     try:
         instance.up(request.param)
         for worker in WORKERS:
@@ -80,7 +67,7 @@ def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
         yield instance
     finally:
         instance.down()
-    leftovers = [ns for ns in e2e._namespaces() if ns.startswith(instance.prefix)]
+    leftovers = labs.namespaces(instance.prefix)
     assert not leftovers, f"lab down left namespaces behind: {leftovers}"
 
 

@@ -16,19 +16,18 @@ objects it starts from.
 from __future__ import annotations
 
 import copy
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import labs
 import pytest
 from apiserver import ApiServer
 from lab_api import KpgenRun, master_api_server
 from traffic import BackgroundRequests, Tally, curl, requests
 
-from kpgen import lab as lab_module
 from kpgen.lab import MODES, SEED, WORKERS, Lab
 from kpgen.load import load_documents
 
@@ -198,25 +197,6 @@ class Cluster:
             wait_refused(self.lab, timeout=15)
 
 
-def _namespaces() -> list[str]:
-    try:
-        return os.listdir("/run/netns")
-    except FileNotFoundError:
-        return []
-
-
-def _remove_labs_of_dead_runs() -> None:
-    """Labs of test runs that were killed before they could take them down (as conftest)."""
-    try:
-        names = os.listdir(lab_module.STATE_ROOT)
-    except FileNotFoundError:
-        return
-    for name in names:
-        pid = name.removeprefix("e2e").rstrip("abcdefghijklmnopqrstuvwxyz")
-        if name.startswith("e2e") and pid.isdigit() and lab_module.start_time(int(pid)) is None:
-            Lab(f"{name}-").down()
-
-
 @pytest.fixture(scope="module", params=MODES)
 def cluster(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
@@ -224,8 +204,8 @@ def cluster(
     """The lab in one proxy mode with ``kpgen run`` on both workers, fed by an API server on
     k8s-master. Everything is stopped and removed afterwards, also when a test failed."""
     mode = request.param
-    _remove_labs_of_dead_runs()
-    lab = Lab(f"e2e{os.getpid()}r-")  # "r": never the name of another module's lab
+    labs.remove_labs_of_dead_runs()
+    lab = Lab(labs.prefix("r"))  # "r": never the name of another module's lab
     logs = tmp_path_factory.mktemp(f"kpgen-run-{mode}")
     server: ApiServer | None = None
     kpgens: dict[str, KpgenRun] = {}
@@ -261,7 +241,7 @@ def cluster(
             server.stop()
             errors = server.errors
         lab.down()
-    leftovers = [n for n in _namespaces() if n.startswith(lab.prefix)]
+    leftovers = labs.namespaces(lab.prefix)
     assert not leftovers, f"lab down left namespaces behind: {leftovers}"
     assert errors == [], errors
 

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import labs
 import pytest
 
 from kpgen import lab as lab_module
@@ -92,25 +93,6 @@ except ConnectionRefusedError:
 """
 
 
-def _namespaces() -> list[str]:
-    try:
-        return os.listdir("/run/netns")
-    except FileNotFoundError:
-        return []
-
-
-def _remove_labs_of_dead_runs() -> None:
-    """Labs of test runs that were killed before they could take them down (as conftest)."""
-    try:
-        names = os.listdir(lab_module.STATE_ROOT)
-    except FileNotFoundError:
-        return
-    for name in names:
-        match = re.fullmatch(r"e2e(\d+)[a-z]*", name)
-        if match and lab_module.start_time(int(match.group(1))) is None:
-            Lab(f"{name}-").down()
-
-
 @dataclass
 class Cluster:
     """The lab with ``kpgen run`` on k8s-worker01 following ``manifests``."""
@@ -171,8 +153,8 @@ def cluster(
     with ``kpgen run`` on k8s-worker01 following a directory that starts empty. Everything is
     stopped and removed afterwards, also when a test failed."""
     mode = request.param
-    _remove_labs_of_dead_runs()
-    lab = Lab(f"e2e{os.getpid()}u-")
+    labs.remove_labs_of_dead_runs()
+    lab = Lab(labs.prefix("u"))
     manifests = tmp_path_factory.mktemp(f"udp-manifests-{mode}")
     log_path = tmp_path_factory.mktemp(f"udp-logs-{mode}") / "kpgen-run.log"
     process: subprocess.Popen[bytes] | None = None
@@ -209,7 +191,7 @@ def cluster(
             os.killpg(process.pid, signal.SIGKILL)  # its own session: kpgen and nothing else
             process.wait()
         lab.down()
-    leftovers = [n for n in _namespaces() if n.startswith(lab.prefix)]
+    leftovers = labs.namespaces(lab.prefix)
     assert not leftovers, f"lab down left namespaces behind: {leftovers}"
 
 
