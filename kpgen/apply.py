@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from kpgen.delta import iptables_delta, nft_delta
 from kpgen.model import IPFamily
-from kpgen.names import IPT_PREFIX, NFT_TABLE, is_ipt_chain
+from kpgen.names import AFFINITY_PREFIX, IPT_PREFIX, NFT_TABLE, is_ipt_chain
 from kpgen.node import ProxyMode
 from kpgen.plan import FamilyPlan
 from kpgen.render import IPTABLES_JUMPS, IptablesJump, render_plan
@@ -145,8 +145,12 @@ class Nftables:
             existing = self.objects(family)
             wanted = {m.group(2) for m in _NFT_OBJECT.finditer(text)}
             script.append(f"add table {name}\nflush table {name}\n")
+            # sets and maps are refilled; the affinity sets hold what clients did (dynamic
+            # entries), not rules, and keep it
             script += [
-                f"flush {kind} {name} {obj}\n" for obj, kind in existing.items() if kind != "chain"
+                f"flush {kind} {name} {obj}\n"
+                for obj, kind in existing.items()
+                if kind != "chain" and not obj.startswith(AFFINITY_PREFIX)
             ]
             script.append(text)
             stale = [(kind, obj) for obj, kind in existing.items() if obj not in wanted]

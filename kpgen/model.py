@@ -44,6 +44,13 @@ class IPFamily(enum.Enum):
         return ipaddress.IPv6Network("::1/128")
 
     @property
+    def host_mask(self) -> str:
+        """A mask that keeps a whole address (xt_recent's ``--mask``)."""
+        return (
+            "255.255.255.255" if self is IPFamily.V4 else "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
+        )
+
+    @property
     def host_prefix(self) -> int:
         return 32 if self is IPFamily.V4 else 128
 

@@ -16,6 +16,7 @@ import re
 from kpgen.plan import Backend, PortPlan
 
 NFT_TABLE = "kpgen"
+AFFINITY_PREFIX = "affinity-"
 IPT_PREFIX = "KPGEN-"
 _IPT_CHAIN = re.compile(r"^KPGEN-[A-Z0-9-]{1,22}$")
 
@@ -43,3 +44,10 @@ def ipt_chain(kind: str, port: PortPlan, backend: Backend | None = None) -> str:
 def is_ipt_chain(name: str) -> bool:
     """Whether ``name`` (read back from the kernel) is one of kpgen's iptables chains."""
     return bool(_IPT_CHAIN.match(name))
+
+
+def nft_affinity_set(port: PortPlan, backend: Backend) -> str:
+    """The set of clients that stick to ``backend`` of ``port`` (sessionAffinity ClientIP):
+    ``affinity-<port>__<address>/<port>``, an IPv6 address's colons as dots."""
+    address = str(backend.address).replace(":", ".")
+    return f"{AFFINITY_PREFIX}{port.key}__{address}/{backend.port}"

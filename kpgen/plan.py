@@ -23,6 +23,7 @@ from kpgen.model import (
     ObjectRef,
     Service,
     ServicePort,
+    SessionAffinity,
     TrafficPolicy,
 )
 from kpgen.node import NodeConfig
@@ -58,6 +59,7 @@ class PortPlan:
     external_local: bool = False
     source_ranges: tuple[IPNetwork, ...] = ()
     health_check_node_port: int | None = None
+    affinity_timeout: int | None = None  # sessionAffinity ClientIP: seconds; None: no affinity
 
     @property
     def key(self) -> str:
@@ -289,6 +291,9 @@ def _port_plans(
                     r for r in service.load_balancer_source_ranges if IPFamily.of(r) is family
                 ),
                 health_check_node_port=service.health_check_node_port,
+                affinity_timeout=service.affinity_timeout
+                if service.session_affinity is SessionAffinity.CLIENT_IP
+                else None,
             )
         )
     return plans

@@ -86,6 +86,7 @@ def _environment() -> jinja2.Environment:
     env.filters.update(host=_host, hostport=_hostport, hairpin=_hairpin)
     env.globals.update(
         nft_chain=names.nft_chain,
+        nft_affinity_set=names.nft_affinity_set,
         ipt_chain=names.ipt_chain,
         table=names.NFT_TABLE,
         prefix=names.IPT_PREFIX,

@@ -13,6 +13,7 @@ import pytest
 
 from kpgen.healthcheck import ServiceHealthChecks, wanted_checks
 from kpgen.load import load_documents
+from kpgen.model import ObjectRef
 from kpgen.node import NodeFlags, node_config
 from kpgen.parse import parse_documents
 from kpgen.plan import FamilyPlan, build_plans
@@ -23,6 +24,10 @@ POLICIES = Path(__file__).resolve().parent / "golden" / "cases" / "policies.yaml
 def plans_for(hostname: str) -> tuple[FamilyPlan, ...]:
     state = parse_documents(load_documents([str(POLICIES)])).state
     return build_plans(state, node_config(NodeFlags(hostname=hostname)))
+
+
+def etp_local() -> ObjectRef:
+    return next(p.service for p in plans_for("node-a")[0].ports if p.service.name == "etp-local")
 
 
 def free_port() -> int:
@@ -64,7 +69,7 @@ def test_a_node_with_local_endpoints_answers_200_with_their_count(
     port = free_port()
     monkeypatch.setattr(
         "kpgen.healthcheck.wanted_checks",
-        lambda plans: {port: (plans_for("node-a")[0].ports[0].service, 2)},
+        lambda plans: {port: (etp_local(), 2)},
     )
     checks.update(())
     status, body, weight = get(port)
@@ -81,7 +86,7 @@ def test_no_local_endpoint_answers_503_and_a_removed_service_stops_answering(
     checks: ServiceHealthChecks, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     port = free_port()
-    service = plans_for("node-a")[0].ports[0].service
+    service = etp_local()
     wanted = {port: (service, 0)}
     monkeypatch.setattr("kpgen.healthcheck.wanted_checks", lambda plans: dict(wanted))
     checks.update(())
@@ -100,7 +105,7 @@ def test_an_unhealthy_proxy_answers_503_even_with_local_endpoints(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     port = free_port()
-    service = plans_for("node-a")[0].ports[0].service
+    service = etp_local()
     monkeypatch.setattr("kpgen.healthcheck.wanted_checks", lambda plans: {port: (service, 3)})
     checks = ServiceHealthChecks(host="127.0.0.1", proxy_healthy=lambda: False)
     try:

@@ -207,3 +207,26 @@ def test_topology_hints_are_ignored_when_one_endpoint_has_none(lab: Lab) -> None
     seen = answers(lab, "test-pod", *TOPOLOGY_PARTIAL)
     test_pod = POD_IP["test-pod"]
     assert seen == {"pod1": [test_pod], "pod2": [test_pod]}
+
+
+# --- sessionAffinity: ClientIP ------------------------------------------------------------------
+
+AFFINITY = ("10.96.100.9", 8080)
+AFFINITY_NODE_PORT = 30109
+
+
+@pytest.mark.parametrize(
+    ("client", "host", "port"),
+    [
+        ("test-pod", *AFFINITY),
+        ("gateway", "k8s-worker01", AFFINITY_NODE_PORT),
+        ("k8s-master", "k8s-worker02", AFFINITY_NODE_PORT),
+    ],
+)
+def test_session_affinity_keeps_each_client_on_one_pod(
+    lab: Lab, client: str, host: str, port: int
+) -> None:
+    # REQUESTS new connections: without affinity both pods answer (the test just above shows
+    # it for another service), with it every one goes where the first went
+    seen = answers(lab, client, host, port)
+    assert len(seen) == 1, f"{client} -> {host}:{port} reached {sorted(seen)}"
