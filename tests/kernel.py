@@ -91,12 +91,23 @@ def cleanup_leftovers() -> None:
         _delete(name)
 
 
-def exec_in(namespace: str, args: list[str], stdin: str | None = None) -> tuple[bool, str]:
-    """Run ``args`` inside ``namespace``: (exit status 0, standard error)."""
+def _exec(namespace: str, args: list[str], stdin: str | None) -> subprocess.CompletedProcess[str]:
     if not namespace.startswith(PREFIX):
         raise ValueError(f"refusing to run in {namespace!r}: not a namespace made by netns()")
-    result = _run([tool("ip") or "ip", "netns", "exec", namespace, *args], stdin)
+    return _run([tool("ip") or "ip", "netns", "exec", namespace, *args], stdin)
+
+
+def exec_in(namespace: str, args: list[str], stdin: str | None = None) -> tuple[bool, str]:
+    """Run ``args`` inside ``namespace``: (exit status 0, standard error)."""
+    result = _exec(namespace, args, stdin)
     return result.returncode == 0, result.stderr
+
+
+def output_of(namespace: str, args: list[str], stdin: str | None = None) -> str:
+    """The standard output of ``args`` run inside ``namespace``; a failure fails the test."""
+    result = _exec(namespace, args, stdin)
+    assert result.returncode == 0, f"{args[:3]} failed:\n{result.stderr}\n{stdin or ''}"
+    return result.stdout
 
 
 def nft_check(text: str, namespace: str | None = None) -> tuple[bool, str]:

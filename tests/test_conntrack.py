@@ -8,7 +8,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-import subprocess
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -300,17 +299,7 @@ DELETE_SCRIPT = textwrap.dedent(
 
 
 def in_namespace(namespace: str, argv: list[str], stdin: str | None = None) -> str:
-    assert namespace.startswith(kernel.PREFIX), namespace  # never the root namespace
-    result = subprocess.run(
-        [kernel.tool("ip") or "ip", "netns", "exec", namespace, *argv],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, f"{argv}: {result.stderr}"
-    return result.stdout
+    return kernel.output_of(namespace, argv, stdin)
 
 
 def insert(namespace: str, client_port: int, dst: str, dport: int, reply: str, rport: int) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-import subprocess
 import sys
 import textwrap
 from collections import defaultdict
@@ -227,17 +226,7 @@ def test_iptables_delta_deletes_the_chains_of_a_removed_service() -> None:
 
 
 def run_in(namespace: str, *argv: str, stdin: str | None = None) -> str:
-    assert namespace.startswith(kernel.PREFIX)
-    result = subprocess.run(
-        ["ip", "netns", "exec", namespace, *argv],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, f"{argv[:3]} failed:\n{result.stderr}\n{stdin or ''}"
-    return result.stdout
+    return kernel.output_of(namespace, list(argv), stdin)
 
 
 # Runs inside a namespace: loads the first text as kpgen apply does, then each later step
