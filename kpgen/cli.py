@@ -306,3 +306,155 @@ def run_command(verbose: int, log_format: str, **options: Any) -> None:
 
 
 main.add_command(lab_group)
+
+
+# --- explain and status ---------------------------------------------------------------------
+
+output_option = click.option(
+    "-o",
+    "--output",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="text (80 columns, colour on a terminal) or json (for scripts).",
+)
+
+
+@main.command("explain")
+@click.option(
+    "-f",
+    "--filename",
+    "sources",
+    multiple=True,
+    metavar="FILE|DIR|-",
+    help="Manifests (YAML or JSON; - for stdin). Repeatable. Required unless --live.",
+)
+@click.option("-v", "--verbose", count=True, help="Also say what was skipped, and why.")
+@node_options
+@click.option("--src", metavar="IP", help="The packet's source address.")
+@click.option("--dst", metavar="IP:PORT", help="The packet's destination address and port.")
+@click.option(
+    "--protocol",
+    type=click.Choice(["tcp", "udp", "sctp"]),
+    default="tcp",
+    show_default=True,
+    help="The packet's protocol.",
+)
+@click.option(
+    "--service",
+    "service_ref",
+    metavar="NAMESPACE/NAME",
+    help="Instead of one packet: every address:port of the service and the endpoints behind.",
+)
+@click.option(
+    "--live",
+    is_flag=True,
+    help="Walk the rules loaded in this network namespace (read from the kernel).",
+)
+@iptables_backend_option
+@output_option
+@_no_traceback
+def explain_command(
+    sources: tuple[str, ...],
+    verbose: int,
+    src: str | None,
+    dst: str | None,
+    protocol: str,
+    service_ref: str | None,
+    live: bool,
+    iptables_backend: str,
+    output: str,
+    **options: Any,
+) -> None:
+    """What this node's rules do with a packet, and with what chance.
+
+    The rules are walked as written: the text `kpgen apply` loads for the manifests, or with
+    --live what the kernel has loaded here. For the packet: the service port it reaches and
+    through which address, every outcome with its probability (DNAT to an endpoint,
+    masqueraded or not; rejected, dropped or untouched), and the path of rules behind each.
+    --node-ip says which addresses are the node's own (--live reads them from the kernel).
+
+    \b
+    Examples:
+      kpgen explain -f examples/seed-cluster.yaml --hostname-override k8s-worker01 \\
+          --cluster-cidr 192.168.0.0/16 --node-ip 10.20.30.11 \\
+          --src 10.20.30.1 --dst 10.20.30.11:30001
+      kpgen explain -f examples/seed-cluster.yaml --service default/node-port ...
+      kpgen explain --live --src 192.168.69.200 --dst 10.101.179.255:8080
+    """
+    from kpgen import explain as ex
+    from kpgen import explain_text
+
+    if (dst is None) == (service_ref is None):
+        _fail("give either --dst (with --src) or --service")
+    if dst is not None and src is None:
+        _fail("--dst needs --src: the source decides the path (hook, masquerade)")
+    if not live and not sources:
+        _fail("explain needs -f MANIFESTS (or --live, to read the rules loaded here)")
+    if service_ref is not None and service_ref.count("/") != 1:
+        _fail(f"--service {service_ref}: NAMESPACE/NAME")
+    node = _node(options)
+    state = _read_inputs(sources, verbose).state if sources else None
+    plans = build_plans(state, node) if state is not None else None
+    index = ex.ServiceIndex(state, node, plans) if state is not None else None
+    where = None
+    try:
+        if live:
+            mode = options["proxy_mode"] or None
+            ruleset, where = ex.live_ruleset(mode, iptables_backend)
+            locality = ex.live_locality()
+        else:
+            assert state is not None
+            ruleset = ex.rendered_ruleset(state, node, plans)
+            locality = ex.node_locality(node)
+        if service_ref is not None:
+            client = ex.parse_packet(src, "0.0.0.0:1", "tcp").src if src else ex.DEFAULT_CLIENT
+            answer: Any = ex.explain_service(
+                ruleset, service_ref, locality, node.hostname, index, client
+            )
+            answer.where = where
+        else:
+            assert dst is not None and src is not None
+            packet = ex.parse_packet(src, dst, protocol)
+            answer = ex.explain_packet(ruleset, packet, locality, node.hostname, index)
+            answer.where = where
+            if live and state is not None:
+                ex.compare_with_manifests(answer, state, node, packet, locality)
+    except ex.ExplainError as error:
+        _fail(str(error))
+    if output == "json":
+        click.echo(ex.to_json(answer))
+    elif service_ref is not None:
+        click.echo(explain_text.service_text(answer, colour=True), nl=False)
+    else:
+        click.echo(explain_text.explanation_text(answer, colour=True), nl=False)
+
+
+@main.command("status")
+@click.option(
+    "--healthz-address",
+    default="127.0.0.1:10256",
+    show_default=True,
+    metavar="HOST:PORT",
+    help="Where `kpgen run` serves /healthz.",
+)
+@iptables_backend_option
+@output_option
+@_no_traceback
+def status_command(healthz_address: str, iptables_backend: str, output: str) -> None:
+    """What kpgen has loaded here and how `kpgen run` is doing.
+
+    The mode and size of the rules loaded in this network namespace (read from the kernel),
+    and /healthz of `kpgen run` (healthy, last sync). Exits 1 if no rules are loaded or the
+    health endpoint does not say healthy.
+    """
+    from kpgen import explain as ex
+    from kpgen import explain_text
+
+    state = ex.status(healthz_address, iptables_backend)
+    if output == "json":
+        click.echo(ex.to_json(state))
+    else:
+        click.echo(explain_text.status_text(state, colour=True), nl=False)
+    if not state.ok:
+        sys.exit(1)

@@ -1,0 +1,1041 @@
+"""``kpgen explain`` and ``kpgen status``: what the node's rules do with a packet, and what is
+loaded.
+
+The answer comes from walking the rules (kpgen/explain_trace.py) as they are written: the very
+text ``kpgen apply`` loads, rendered from the manifests, or, with ``--live``, what the kernel
+lists back (kpgen/explain_rules.py reads both spellings). It is never re-derived from the
+cluster model, so a wrong rule shows up as a wrong answer. The manifests, when given, only put
+names on what the rules do: which service port, ClusterIP or externalIP or LoadBalancer IP,
+which traffic policy.
+
+The result is a tree of dataclasses (``-o json`` prints it as is) and a text rendering that
+fits an 80-column terminal.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import shutil
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from fractions import Fraction
+from typing import Any
+
+from kpgen.explain_rules import (
+    PROTOCOLS,
+    Element,
+    ElementSet,
+    Match,
+    Ruleset,
+    RuleSyntaxError,
+    Verdict,
+    parse_iptables,
+    parse_nft,
+    parse_pattern,
+    read_iptables_line,
+)
+from kpgen.explain_trace import LOOPBACK, Hop, Locality, Packet, Tracer, Walk, percent
+from kpgen.model import ClusterState, IPFamily, Service
+from kpgen.node import NodeConfig, ProxyMode
+from kpgen.plan import FamilyPlan, PortPlan, build_plans
+from kpgen.render import render_plan
+
+IPv4Address = ipaddress.IPv4Address
+IPv4Network = ipaddress.IPv4Network
+DEFAULT_CLIENT = IPv4Address("203.0.113.1")  # TEST-NET-3: "a client somewhere outside"
+DEFAULT_HEALTHZ = "127.0.0.1:10256"
+
+
+class ExplainError(Exception):
+    """What explain cannot do (no rules loaded, a bad argument); the message says why."""
+
+
+# --- the rules: rendered, or read back from the kernel ------------------------------------------
+
+
+def rendered_ruleset(
+    state: ClusterState, node: NodeConfig, plans: Sequence[FamilyPlan] | None = None
+) -> Ruleset:
+    """The IPv4 rules ``kpgen apply`` would load for ``state`` on ``node``, parsed."""
+    plans = plans if plans is not None else build_plans(state, node)
+    text = "".join(render_plan(p, node.mode) for p in plans if p.family is IPFamily.V4)
+    return parse_rules(text, node.mode.value, "rendered")
+
+
+def parse_rules(text: str, mode: str, origin: str) -> Ruleset:
+    """Rule text of either mode (rendered, or the kernel's listing)."""
+    try:
+        if mode == ProxyMode.NFTABLES.value:
+            return parse_nft(text, origin)
+        return parse_iptables(text, origin)
+    except RuleSyntaxError as error:
+        source = "rendered" if origin == "rendered" else "loaded"
+        raise ExplainError(f"cannot read the {source} {mode} rules: {error}") from None
+
+
+def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30)
+    except FileNotFoundError:
+        raise ExplainError(f"{argv[0]} is not installed") from None
+
+
+def _tool(name: str) -> str:
+    return shutil.which(name, path="/usr/local/sbin:/usr/sbin:/sbin:/usr/bin:/bin") or name
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """kpgen's rules found in this network namespace."""
+
+    mode: str
+    text: str
+    where: str  # "nft table ip kpgen", "iptables-nft"
+
+
+def _legacy_in_use() -> bool:
+    try:
+        with open("/proc/net/ip_tables_names", encoding="ascii") as stream:
+            return bool(stream.read().strip())
+    except OSError:
+        return False
+
+
+def loaded_rules(mode: str | None = None, iptables_backend: str = "auto") -> list[Loaded]:
+    """kpgen's IPv4 rules loaded in the current network namespace, per mode (``mode``: only
+    that one). Reading never creates anything (legacy iptables is read only when its tables
+    exist)."""
+    found = []
+    if mode in (None, ProxyMode.NFTABLES.value):
+        from kpgen.apply import ApplyError, Nftables
+
+        try:
+            nft = Nftables()
+            if "ip kpgen" in nft.tables():
+                found.append(
+                    Loaded("nftables", nft.run("list table ip kpgen\n"), "nft table ip kpgen")
+                )
+        except ApplyError as error:
+            if mode is not None:
+                raise ExplainError(f"cannot read the nftables rules: {error}") from None
+    if mode in (None, ProxyMode.IPTABLES.value):
+        variants = ("nft", "legacy") if iptables_backend == "auto" else (iptables_backend,)
+        for variant in variants:
+            tool = f"iptables-{variant}-save"
+            if shutil.which(tool, path="/usr/sbin:/sbin:/usr/bin") is None:
+                continue
+            if variant == "legacy" and not _legacy_in_use():
+                continue
+            result = _run([_tool(tool)])
+            if result.returncode == 0 and re.search(r"^:KPGEN-", result.stdout, re.M):
+                found.append(Loaded("iptables", result.stdout, f"iptables-{variant}"))
+    return found
+
+
+def live_ruleset(mode: str | None = None, iptables_backend: str = "auto") -> tuple[Ruleset, str]:
+    """The rules loaded here, parsed, and where they were found."""
+    found = loaded_rules(mode, iptables_backend)
+    if not found:
+        wanted = f"{mode} " if mode else ""
+        raise ExplainError(f"no kpgen {wanted}rules are loaded in this network namespace")
+    if len(found) > 1:
+        names = ", ".join(f.where for f in found)
+        raise ExplainError(
+            f"kpgen rules of more than one kind are loaded ({names}): "
+            "choose with --proxy-mode / --iptables-backend"
+        )
+    ruleset = parse_rules(found[0].text, found[0].mode, "kernel")
+    for name, element_set in ruleset.sets.items():
+        if name.startswith("recent:"):
+            _read_recent(name.removeprefix("recent:"), element_set)
+    return ruleset, found[0].where
+
+
+RECENT = "/proc/net/xt_recent"
+
+
+def _read_recent(name: str, element_set: ElementSet) -> None:
+    """The clients an iptables ``recent`` list holds (session affinity), from /proc."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        return
+    try:
+        with open(f"{RECENT}/{name}", encoding="ascii") as stream:
+            lines = stream.read().splitlines()
+    except OSError:
+        return
+    for line in lines:
+        found = re.match(r"src=(\S+)", line)
+        if found:
+            address = found.group(1)
+            element_set.add(Element(address, (parse_pattern(address, "addr"),)))
+
+
+def live_locality() -> Locality:
+    """This network namespace's local addresses: its ``local`` routes, which is what
+    ``fib daddr type local`` and ``-m addrtype --dst-type LOCAL`` look at."""
+    result = _run([_tool("ip"), "-4", "-j", "route", "show", "table", "local"])
+    if result.returncode != 0:
+        return Locality(None, "the local routes could not be read")
+    networks = [
+        IPv4Network(route["dst"], strict=False)
+        for route in json.loads(result.stdout or "[]")
+        if route.get("type") == "local"
+    ]
+    return Locality(networks, "the local routes of this network namespace")
+
+
+def node_locality(node: NodeConfig) -> Locality:
+    """What the node flags say about the node's addresses (``--node-ip``)."""
+    addresses = [a for a in node.node_ips if isinstance(a, IPv4Address)]
+    if not addresses:
+        return Locality(None, "no --node-ip given")
+    networks = [IPv4Network(f"{a}/32") for a in addresses]
+    return Locality([*networks, LOOPBACK], "--node-ip")
+
+
+# --- what the manifests say: names for what the rules do ----------------------------------------
+
+
+@dataclass(frozen=True)
+class Named:
+    """A service port of the manifests, as explain names it."""
+
+    port: PortPlan
+    service: Service | None
+
+
+class ServiceIndex:
+    """The manifests' service ports, to put names on what the rules do."""
+
+    def __init__(
+        self, state: ClusterState, node: NodeConfig, plans: Sequence[FamilyPlan] | None = None
+    ) -> None:
+        plans = plans if plans is not None else build_plans(state, node)
+        services = {s.ref: s for s in state.services}
+        self.ports = [
+            Named(p, services.get(p.service))
+            for plan in plans
+            if plan.family is IPFamily.V4
+            for p in plan.ports
+        ]
+        self._by_key: dict[str, Named] = {}
+        self._by_address: dict[tuple[object, str, int], list[Named]] = {}
+        for named in self.ports:
+            p = named.port
+            self._by_key.setdefault(p.key, named)
+            self._by_key.setdefault(p.port_name, named)
+            protocol = p.port.protocol.lower
+            for address in (p.cluster_ip, *p.external_addresses):
+                self._by_address.setdefault((address, protocol, p.port.port), []).append(named)
+            if p.port.node_port is not None:
+                key = (None, protocol, p.port.node_port)
+                self._by_address.setdefault(key, []).append(named)
+
+    def by_key(self, key: str) -> Named | None:
+        """``ns/name/proto/port`` (nft chain names) or ``ns/name:port-name`` (iptables)."""
+        return self._by_key.get(key)
+
+    def by_address(self, address: IPv4Address, protocol: str, port: int) -> list[Named]:
+        """The service ports that answer ``address:port`` (or have it as their NodePort)."""
+        served = self._by_address.get((address, protocol, port), [])
+        node_ports = self._by_address.get((None, protocol, port), [])
+        return served + [n for n in node_ports if n not in served]
+
+    def of_service(self, ref: str) -> list[Named]:
+        return [n for n in self.ports if str(n.port.service) == ref]
+
+
+def address_kind(named: Named, address: IPv4Address, port: int) -> str:
+    """How a packet to ``address:port`` reaches this service port."""
+    p = named.port
+    if address == p.cluster_ip and port == p.port.port:
+        return "ClusterIP"
+    if address in p.external_ips and port == p.port.port:
+        return "externalIP"
+    if address in p.load_balancer_ips and port == p.port.port:
+        return "LoadBalancer IP"
+    if p.port.node_port == port:
+        return "NodePort"
+    return "?"
+
+
+def policy_of(named: Named, kind: str) -> str | None:
+    service = named.service
+    if service is None:
+        return None
+    if kind == "ClusterIP":
+        text = f"internalTrafficPolicy {service.internal_traffic_policy.value}"
+    else:
+        text = f"externalTrafficPolicy {service.external_traffic_policy.value}"
+    if service.session_affinity.value != "None":
+        text += f", sessionAffinity {service.session_affinity.value}"
+    if kind == "LoadBalancer IP" and service.load_balancer_source_ranges:
+        ranges = ", ".join(str(r) for r in service.load_balancer_source_ranges)
+        text += f", loadBalancerSourceRanges {ranges}"
+    return text
+
+
+# --- labels the rules carry: chain names (nft), comments (iptables) ---------------------------
+
+_NFT_PORT_CHAIN = re.compile(
+    r"^(?P<kind>service|external|local|firewall)-"
+    r"(?P<key>[^/\s]+/[^/\s]+/(?:tcp|udp|sctp)/\d+)$"
+)
+_COMMENT = re.compile(r'--comment (?:"((?:[^"\\]|\\.)*)"|(\S+))')
+_IPT_LABEL = re.compile(
+    r"^(?:(?:masquerade |pod |masquerade LOCAL |route LOCAL )traffic for )?"
+    r"(?P<key>[^/\s]+/[^:\s]+(?::\S+)?)"
+    r"(?P<rest>| cluster IP| external IP| loadbalancer IP| has no endpoints"
+    r"| has no local endpoints| source outside loadBalancerSourceRanges| -> \S+"
+    r"| external destinations)$"
+)
+
+
+def _comment(text: str) -> str | None:
+    found = _COMMENT.search(text)
+    if found is None:
+        return None
+    return found.group(1) if found.group(1) is not None else found.group(2)
+
+
+@dataclass(frozen=True)
+class Labels:
+    """What the path's rules say about where the packet went."""
+
+    key: str | None  # ns/name/proto/port or ns/name:port-name
+    via: str | None  # ClusterIP, NodePort, external IP, ...
+    no_endpoints: bool = False  # rejected: the port has no endpoints
+    unknown_port: bool = False  # rejected: a ClusterIP's port that no service has
+    unallocated: bool = False  # dropped: an address of the service CIDR no service has
+    no_local: bool = False  # dropped: traffic policy Local, no endpoint on this node
+    firewalled: bool = False  # dropped: source outside loadBalancerSourceRanges
+
+
+_VIA_OF_CHAIN = {"service": "ClusterIP", "local": "ClusterIP", "external": "external IP",
+                 "firewall": "LoadBalancer IP"}  # fmt: skip
+
+
+def labels(path: Sequence[Hop]) -> Labels:
+    """Names for what a path did, from kpgen's chain names (nft) and comments (iptables)."""
+    key = via = None
+    flags: set[str] = set()
+    for hop in path:
+        chain = hop.chain
+        found = _NFT_PORT_CHAIN.match(chain)
+        if found:
+            key = key or found.group("key")
+            via = via or _VIA_OF_CHAIN[found.group("kind")]
+            if found.group("kind") == "firewall":
+                flags.add("visited-firewall")
+        if chain.startswith("nat KPGEN-FW-"):
+            via = "LoadBalancer IP"
+            flags.add("visited-firewall")
+        if hop.kind == "rule" and hop.note.startswith("@"):
+            via = _via_of_lookup(hop.note, via, flags)
+        if chain == "cluster-ips-check" and hop.kind == "rule":
+            via = via or "ClusterIP"
+            flags.add("unknown_port" if "@cluster-ips" in hop.text else "unallocated")
+        if chain == "nat KPGEN-NODEPORTS" and hop.kind == "rule":
+            via = "NodePort"
+        if hop.kind == "rule":
+            key, via = _ipt_labels(hop, key, via, flags)
+    return Labels(
+        key,
+        via,
+        no_endpoints="no_endpoints" in flags,
+        unknown_port="unknown_port" in flags,
+        unallocated="unallocated" in flags,
+        no_local="no_local" in flags,
+        firewalled="firewalled" in flags,
+    )
+
+
+def _via_of_lookup(note: str, via: str | None, flags: set[str]) -> str | None:
+    """What a verdict map's element says (``@map: KEY : VERDICT``)."""
+    verdict = note.rsplit(" : ", 1)[-1]
+    if note.startswith(("@service-nodeports", "@no-endpoint-nodeports")):
+        via = "NodePort"
+    elif note.startswith("@service-ips"):
+        for kind, name in _VIA_OF_CHAIN.items():
+            if verdict.startswith(f"goto {kind}-"):
+                via = name
+    elif note.startswith("@no-endpoint-services"):
+        via = via or "ClusterIP or external IP"
+    if note.startswith("@no-endpoint"):
+        if verdict == "drop":
+            flags.add("firewalled" if "visited-firewall" in flags else "no_local")
+        else:
+            flags.add("no_endpoints")
+    return via
+
+
+_IPT_FLAGS = {" has no endpoints": "no_endpoints", " has no local endpoints": "no_local",
+              " source outside loadBalancerSourceRanges": "firewalled"}  # fmt: skip
+
+
+def _ipt_labels(
+    hop: Hop, key: str | None, via: str | None, flags: set[str]
+) -> tuple[str | None, str | None]:
+    """What an iptables rule's comment says."""
+    comment = _comment(hop.text) or ""
+    if comment == "unknown port of a cluster IP":
+        flags.add("unknown_port")
+        return key, via or "ClusterIP"
+    if comment == "unallocated service address":
+        flags.add("unallocated")
+        return key, via or "ClusterIP"
+    label = _IPT_LABEL.match(comment)
+    if label is None:
+        return key, via
+    key = key or label.group("key")
+    rest = label.group("rest")
+    if rest == " cluster IP" and via is None:
+        via = "ClusterIP"
+    elif rest == " external IP" and via in (None, "ClusterIP"):
+        via = "external IP"
+    elif rest == " loadbalancer IP":
+        via = "LoadBalancer IP"
+    elif rest in _IPT_FLAGS:
+        flags.add(_IPT_FLAGS[rest])
+        if "--dst-type LOCAL" in hop.text:
+            via = "NodePort"
+        elif hop.chain.endswith("EXTERNAL-SERVICES"):
+            via = via or "external IP"
+        else:
+            via = via or "ClusterIP"
+    return key, via
+
+
+# --- the answer ----------------------------------------------------------------------------------
+
+
+@dataclass
+class PathStep:
+    kind: str
+    chain: str
+    rule: str
+    note: str = ""
+
+
+@dataclass
+class Outcome:
+    """One way the connection ends."""
+
+    kind: str  # dnat, untouched, reject, drop, unknown
+    probability: float
+    fraction: str
+    destination: str | None  # after DNAT (address:port)
+    masquerade: bool
+    masquerade_reasons: list[str]
+    delivery: str  # forwarded, local, sent, "" (ended before routing)
+    why: str
+    path: list[PathStep]
+
+    @property
+    def key(self) -> tuple[str, str | None, bool]:
+        return (self.kind, self.destination, self.masquerade)
+
+
+@dataclass
+class ServiceMatch:
+    service: str | None  # ns/name; None: the rules do not say and no manifests name it
+    port_name: str | None
+    protocol: str
+    port: int | None  # the service port
+    via: str  # ClusterIP, NodePort, externalIP, LoadBalancer IP, external IP, ...
+    policy: str | None = None
+
+
+@dataclass
+class PacketView:
+    src: str
+    dst: str
+    port: int
+    protocol: str
+    origin: str  # "another host" or "this node"
+
+
+@dataclass
+class Explanation:
+    node: str
+    mode: str
+    rules: str  # rendered, kernel
+    packet: PacketView
+    service: ServiceMatch | None
+    outcomes: list[Outcome]
+    assumptions: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    where: str | None = None  # with rules "kernel": where they were read
+
+    def outcome_set(self) -> set[tuple[str, str | None, bool]]:
+        return {o.key for o in self.outcomes}
+
+
+def parse_packet(src: str, dst: str, protocol: str) -> Packet:
+    """``--src``, ``--dst ADDRESS:PORT``, ``--protocol``; a bad one is an ExplainError."""
+    address, colon, port = dst.rpartition(":")
+    if not colon or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ExplainError(f"--dst {dst}: needs a port 1-65535 (ADDRESS:PORT)")
+    try:
+        source = IPv4Address(src)
+        destination = IPv4Address(address)
+    except ValueError:
+        raise ExplainError(
+            f"--src {src} / --dst {dst}: explain walks the IPv4 rules (IPv4 addresses only)"
+        ) from None
+    if protocol.lower() not in PROTOCOLS or protocol.lower() == "icmp":
+        raise ExplainError(f"--protocol {protocol}: tcp, udp or sctp")
+    return Packet(source, destination, PROTOCOLS[protocol.lower()], int(port))
+
+
+def _fraction(value: Fraction) -> str:
+    return f"{value.numerator}/{value.denominator}" if value.denominator < 1000 else ""
+
+
+def _masquerade_reasons(walk: Walk, packet: Packet) -> list[str]:
+    reasons: list[str] = []
+    for hop in walk.flow.marked_by:
+        text, chain = hop.text, hop.chain
+        if "@hairpin" in text or chain.startswith("nat KPGEN-SEP-"):
+            reason = "hairpin: the endpoint chosen is the client itself"
+        elif "@cluster-cidrs" in text or "! -s " in text or "MARK-NONCLUSTER" in text:
+            reason = f"to a ClusterIP from {packet.src}, outside the cluster CIDR"
+        elif "fib saddr type local" in text or "--src-type LOCAL" in text:
+            reason = "from this node to an external address of a Local-policy service"
+        elif chain.startswith(("external-", "nat KPGEN-EXT-")):
+            reason = "to a NodePort, externalIP or LB IP: always masqueraded"
+        elif chain.startswith(("service-", "local-", "nat KPGEN-SVC-", "nat KPGEN-SVL-")):
+            reason = "to a ClusterIP, all of which is masqueraded (--masquerade-all)"
+        else:
+            reason = f"marked by {chain}: {text}"
+        if reason not in reasons:
+            reasons.append(reason)
+    return reasons
+
+
+def _why(walk: Walk, packet: Packet, found: Labels) -> str:
+    flow = walk.flow
+    if walk.verdict == "unknown":
+        return walk.detail
+    if walk.verdict == "reject":
+        how = "a TCP reset" if walk.detail == "tcp reset" else "ICMP port unreachable"
+        if found.no_endpoints:
+            cause = "the service port has no usable endpoints"
+        elif found.unknown_port:
+            cause = f"the ClusterIP {packet.dst} has no port {packet.port}/{packet.protocol_name}"
+        else:
+            cause = "a rule rejects it"
+        return f"rejected with {how}: {cause}"
+    if walk.verdict == "drop":
+        if found.unallocated:
+            return f"dropped: {packet.dst} is in the service CIDR but no service has it"
+        if found.firewalled:
+            return f"dropped: {packet.src} is outside the loadBalancerSourceRanges"
+        if found.no_local:
+            return "dropped: traffic policy Local, and no endpoint on this node"
+        return "dropped by a rule"
+    where = {"local": "delivered to this node", "forwarded": "forwarded", "sent": "sent"}.get(
+        walk.delivery, walk.delivery
+    )
+    if flow.dnat is None:
+        text = f"untouched: no service of kpgen's answers here; {where} as addressed"
+    else:
+        text = f"DNAT to {flow.daddr}:{flow.dport}, {where}"
+    if not flow.masquerade and flow.marked_by and walk.delivery == "local":
+        text += " (marked for masquerade, but delivered locally: its source stays)"
+    return text
+
+
+def _outcome(walk: Walk, packet: Packet) -> Outcome:
+    flow = walk.flow
+    found = labels(flow.hops)
+    if walk.verdict == "accept":
+        kind = "untouched" if flow.dnat is None else "dnat"
+    else:
+        kind = walk.verdict
+    return Outcome(
+        kind=kind,
+        probability=float(flow.probability),
+        fraction=_fraction(flow.probability),
+        destination=None if flow.dnat is None else f"{flow.dnat[0]}:{flow.dnat[1]}",
+        masquerade=flow.masquerade,
+        masquerade_reasons=_masquerade_reasons(walk, packet) if flow.masquerade else [],
+        delivery=walk.delivery,
+        why=_why(walk, packet, found),
+        path=[PathStep(h.kind, h.chain, h.text, h.note) for h in flow.hops],
+    )
+
+
+def _service_match(
+    walks: list[Walk], packet: Packet, index: ServiceIndex | None, notes: list[str]
+) -> ServiceMatch | None:
+    found = [labels(w.flow.hops) for w in walks]
+    key = next((f.key for f in found if f.key), None)
+    via = next((f.via for f in found if f.via), None)
+    if key is None and via is None:
+        return None
+    protocol = packet.protocol_name
+    named: Named | None = None
+    if index is not None:
+        if key is not None:
+            named = index.by_key(key)
+        candidates = index.by_address(packet.dst, protocol, packet.port)
+        if named is None and len(candidates) == 1:
+            named = candidates[0]
+        elif named is not None and candidates and named not in candidates:
+            others = ", ".join(c.port.port_name for c in candidates)
+            notes.append(
+                f"the rules send this packet to {named.port.port_name}, "
+                f"but the manifests give {packet.dst}:{packet.port} to {others}"
+            )
+    if named is not None:
+        kind = address_kind(named, packet.dst, packet.port)
+        return ServiceMatch(
+            service=str(named.port.service),
+            port_name=named.port.port.name or None,
+            protocol=named.port.port.protocol.lower,
+            port=named.port.port.port,
+            via=kind if kind != "?" else (via or "?"),
+            policy=policy_of(named, kind),
+        )
+    service = port_name = None
+    port = None
+    if key is not None and "/" in key:
+        if ":" in key:
+            service, port_name = key.split(":", 1)
+        elif key.count("/") == 3:
+            namespace, name, protocol, number = key.split("/")
+            service, port = f"{namespace}/{name}", int(number)
+        else:
+            service = key
+    return ServiceMatch(service, port_name, protocol, port, via or "?")
+
+
+_SERVICE_NETWORKS: dict[int, tuple[Ruleset, list[IPv4Network]]] = {}
+
+
+def service_networks(ruleset: Ruleset) -> list[IPv4Network]:
+    """The addresses the rules give to services (ClusterIPs, externalIPs, LB IPs) and the
+    service CIDRs: never the node's own, where that is not known."""
+    cached = _SERVICE_NETWORKS.get(id(ruleset))
+    if cached is not None and cached[0] is ruleset:
+        return cached[1]
+    addresses, _ = candidates(ruleset)
+    networks = {IPv4Network(address) for address, _, _ in addresses}
+    for name in ("cluster-ips", "service-cidrs"):
+        if name in ruleset.sets:
+            for element in ruleset.sets[name].elements:
+                if isinstance(element.key[0], IPv4Network):
+                    networks.add(element.key[0])
+    for chain in ruleset.chains.values():
+        if chain.table != "filter" or chain.name not in ("KPGEN-SERVICES", "KPGEN-CLUSTER-IPS"):
+            continue
+        for rule in chain.rules:
+            matches = [m for m in rule.matches if isinstance(m, Match) and not m.negate]
+            if any(m.key[0].field == "fib_daddr" for m in matches):
+                continue  # NodePorts: the node's addresses
+            for match in matches:
+                pattern = match.patterns[0] if match.patterns else None
+                if match.key[0].field == "daddr" and isinstance(pattern, IPv4Network):
+                    networks.add(pattern)
+    found = sorted(networks)
+    _SERVICE_NETWORKS.clear()  # one ruleset at a time is all a command needs
+    _SERVICE_NETWORKS[id(ruleset)] = (ruleset, found)
+    return found
+
+
+def explain_packet(
+    ruleset: Ruleset,
+    packet: Packet,
+    locality: Locality,
+    node_name: str,
+    index: ServiceIndex | None = None,
+) -> Explanation:
+    """Every outcome of a new connection of ``packet`` on this node, by walking ``ruleset``."""
+    if locality.networks is None:  # only then is it guessed what is the node's
+        locality.service_networks = service_networks(ruleset)
+    tracer = Tracer(ruleset, locality)
+    walks = tracer.trace(packet)
+    notes = [*ruleset.notes, *tracer.notes]
+    outcomes = [_outcome(w, packet) for w in walks]
+    outcomes.sort(key=lambda o: (-o.probability, o.kind, o.destination or ""))
+    origin = "this node" if tracer.from_node else "another host"
+    view = PacketView(str(packet.src), str(packet.dst), packet.port, packet.protocol_name, origin)
+    return Explanation(
+        node=node_name,
+        mode=ruleset.mode,
+        rules=ruleset.origin,
+        packet=view,
+        service=_service_match(walks, packet, index, notes),
+        outcomes=outcomes,
+        assumptions=list(locality.assumptions),
+        notes=notes,
+    )
+
+
+def compare_with_manifests(
+    answer: Explanation, state: ClusterState, node: NodeConfig, packet: Packet, locality: Locality
+) -> None:
+    """Add a note on whether the rules rendered from the manifests (in the mode of the rules
+    read from the kernel) would answer the same."""
+    config = replace(node, mode=ProxyMode(answer.mode))
+    fresh = Locality(locality.networks, locality.source)
+    rendered = explain_packet(rendered_ruleset(state, config), packet, fresh, node.hostname)
+    if _outcome_keys(rendered) == _outcome_keys(answer):
+        answer.notes.append("the rules rendered from the manifests give the same answer")
+        return
+    expected = "; ".join(outcome_summary(rendered.outcomes))
+    answer.notes.append(
+        "the rules loaded here differ from those rendered from the manifests, which give: "
+        + expected
+    )
+
+
+def _outcome_keys(answer: Explanation) -> list[tuple[str, str | None, bool, float]]:
+    return sorted(
+        (o.kind, o.destination, o.masquerade, round(o.probability, 6)) for o in answer.outcomes
+    )
+
+
+# --- a service: every address it answers on, and the endpoints behind each ---------------------
+
+
+@dataclass
+class Share:
+    kind: str  # dnat, reject, drop, untouched, unknown
+    destination: str | None
+    probability: float
+    fraction: str
+    masquerade: bool
+
+
+@dataclass
+class Entry:
+    via: str
+    address: str
+    port: int
+    protocol: str
+    port_name: str | None
+    policy: str | None
+    outcomes: list[Share]
+
+
+@dataclass
+class ServiceExplanation:
+    node: str
+    mode: str
+    rules: str
+    service: str
+    client: str
+    entries: list[Entry]
+    assumptions: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    where: str | None = None
+
+
+Addresses = set[tuple[IPv4Address, int, int]]
+
+
+def _names(text: str, service: str) -> bool:
+    """Whether an iptables rule's text names ``service`` (namespace/name) in its comment."""
+    return any(f"{service}{after}" in text for after in (":", " ", '"'))
+
+
+def candidates(
+    ruleset: Ruleset, service: str | None = None
+) -> tuple[Addresses, set[tuple[int, int]]]:
+    """Every address . protocol . port and protocol . port (NodePorts) the rules mention; with
+    ``service`` (namespace/name), only those of its rules (nft: its chains' map elements and
+    the reject and drop ones, which name no chain; iptables: the rules its comments name)."""
+    addresses: Addresses = set()
+    node_ports: set[tuple[int, int]] = set()
+    for element_set in ruleset.sets.values():
+        if element_set.kinds not in (("addr", "proto", "port"), ("proto", "port")):
+            continue
+        for element in element_set.elements:
+            target = element.verdict.target if isinstance(element.verdict, Verdict) else None
+            if service and target and target != "reject-chain" and f"-{service}/" not in target:
+                continue
+            if element_set.kinds == ("addr", "proto", "port"):
+                address, protocol, port = element.key
+                exact = isinstance(address, IPv4Network) and address.prefixlen == 32
+                if exact and isinstance(protocol, int) and isinstance(port, int):
+                    assert isinstance(address, IPv4Network)
+                    addresses.add((address.network_address, protocol, port))
+            elif element_set.is_map:
+                protocol, port = element.key
+                if isinstance(protocol, int) and isinstance(port, int):
+                    node_ports.add((protocol, port))
+    for chain in ruleset.chains.values():
+        if chain.reader is not read_iptables_line:
+            continue  # nft rules name no service address that the maps do not
+        sources = chain.sources
+        if service is not None:
+            sources = [text for text in sources if _names(text, service)]
+        for text in sources:
+            rule = read_iptables_line(chain.name, text)
+            found: dict[str, Any] = {}
+            for match in rule.matches:
+                if isinstance(match, Match) and match.patterns and not match.negate:
+                    found[match.key[0].field] = match.patterns[0]
+            if "dport" not in found or "l4proto" not in found:
+                continue
+            daddr = found.get("daddr")
+            exact = isinstance(daddr, IPv4Network) and daddr.prefixlen == 32
+            if exact and "fib_daddr" not in found:
+                assert isinstance(daddr, IPv4Network)
+                addresses.add((daddr.network_address, found["l4proto"], found["dport"]))
+            elif isinstance(found["dport"], int):
+                node_ports.add((found["l4proto"], found["dport"]))
+    return addresses, node_ports
+
+
+def explain_service(
+    ruleset: Ruleset,
+    ref: str,
+    locality: Locality,
+    node_name: str,
+    index: ServiceIndex | None = None,
+    client: IPv4Address = DEFAULT_CLIENT,
+) -> ServiceExplanation:
+    """Every address:port on which service ``ref`` (namespace/name) answers on this node, and
+    the outcomes (endpoints with their probabilities) behind each, traced from ``client``."""
+    notes = list(ruleset.notes)
+    addresses, node_ports = candidates(ruleset, ref)
+    named_ports = index.of_service(ref) if index is not None else []
+    for named in named_ports:
+        protocol = PROTOCOLS[named.port.port.protocol.lower]
+        for address in (named.port.cluster_ip, *named.port.external_addresses):
+            if isinstance(address, IPv4Address):
+                addresses.add((address, protocol, named.port.port.port))
+        if named.port.port.node_port is not None:
+            node_ports.add((protocol, named.port.port.node_port))
+    node_addresses = locality.addresses
+    if node_ports and not node_addresses:
+        notes.append(
+            "NodePorts are not traced: which addresses are this node's is not known "
+            "(give --node-ip, or use --live)"
+        )
+    packets = [Packet(client, a, proto, port) for a, proto, port in sorted(addresses)]
+    packets += [
+        Packet(client, a, proto, port) for proto, port in sorted(node_ports) for a in node_addresses
+    ]
+    entries: list[Entry] = []
+    combined = Locality(locality.networks, locality.source)
+    for packet in packets:
+        fresh = Locality(locality.networks, locality.source)
+        explanation = explain_packet(ruleset, packet, fresh, node_name, index)
+        match = explanation.service
+        named_here = [
+            n
+            for n in named_ports
+            if address_kind(n, packet.dst, packet.port) != "?"
+            and n.port.port.protocol.lower == packet.protocol_name
+        ]
+        ours = match is not None and match.service == ref
+        if not ours and not named_here:
+            continue
+        if not ours and all(o.kind == "untouched" for o in explanation.outcomes):
+            kinds = {address_kind(n, packet.dst, packet.port) for n in named_here}
+            if kinds == {"NodePort"}:
+                continue  # a node address that --nodeport-addresses leaves out
+        combined.absorb(fresh)
+        via = match.via if match is not None and ours else "?"
+        port_name = match.port_name if match is not None and ours else None
+        policy = match.policy if match is not None and ours else None
+        if named_here:
+            via = address_kind(named_here[0], packet.dst, packet.port)
+            port_name = named_here[0].port.port.name or None
+            policy = policy_of(named_here[0], via)
+        entries.append(
+            Entry(
+                via,
+                str(packet.dst),
+                packet.port,
+                packet.protocol_name,
+                port_name,
+                policy,
+                _shares(explanation.outcomes),
+            )
+        )
+    order = {"ClusterIP": 0, "externalIP": 1, "LoadBalancer IP": 2, "external IP": 3}
+    entries.sort(key=lambda e: (order.get(e.via, 5), e.port, IPv4Address(e.address), e.protocol))
+    return ServiceExplanation(
+        node=node_name,
+        mode=ruleset.mode,
+        rules=ruleset.origin,
+        service=ref,
+        client=str(client),
+        entries=entries,
+        assumptions=combined.assumptions,
+        notes=notes,
+    )
+
+
+def _shares(outcomes: list[Outcome]) -> list[Share]:
+    grouped: dict[tuple[str, str | None, bool], Fraction] = {}
+    for outcome in outcomes:
+        exact = Fraction(outcome.fraction) if outcome.fraction else Fraction(outcome.probability)
+        grouped[outcome.key] = grouped.get(outcome.key, Fraction(0)) + exact
+    shares = [
+        Share(kind, destination, float(p), _fraction(p), masquerade)
+        for (kind, destination, masquerade), p in grouped.items()
+    ]
+    return sorted(shares, key=lambda s: (-s.probability, s.destination or ""))
+
+
+# --- kpgen status --------------------------------------------------------------------------------
+
+
+@dataclass
+class Health:
+    address: str
+    reachable: bool
+    code: int | None = None
+    healthy: bool | None = None
+    last_updated: str | None = None
+    current_time: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class Counts:
+    services: int  # with endpoints
+    service_ports: int  # with endpoints
+    endpoints: int  # endpoint . port DNAT targets, summed over the service ports
+    addresses: int  # address . protocol . port entries that DNAT
+    node_ports: int
+    rejected: int  # entries that reject (no endpoints)
+
+
+@dataclass
+class Status:
+    mode: str | None
+    rules: str | None  # where they were found
+    counts: Counts | None
+    health: Health
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Rules are loaded (of one mode) and kpgen run says it is healthy."""
+        return self.counts is not None and bool(self.health.healthy) and not self.problems
+
+
+def health(address: str = DEFAULT_HEALTHZ, timeout: float = 3.0) -> Health:
+    """GET /healthz of a running ``kpgen run``."""
+    host, _, port = address.rpartition(":")
+    host = f"[{host.strip('[]')}]" if ":" in host.strip("[]") else host
+    url = f"http://{host}:{port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            code, body = response.status, response.read()
+    except urllib.error.HTTPError as error:
+        code, body = error.code, error.read()
+    except (OSError, ValueError) as error:
+        reason = getattr(error, "reason", error)
+        return Health(address, False, error=f"{url}: {reason}")
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return Health(address, True, code, False, error=f"{url}: not kube-proxy's JSON")
+    return Health(
+        address,
+        True,
+        code,
+        bool(data.get("healthy", code == 200)),
+        data.get("lastUpdated") or None,
+        data.get("currentTime") or None,
+    )
+
+
+_DNAT_TO = re.compile(r"dnat (?:ip )?to (\S+)")
+_REJECT_CHAIN = Verdict("goto", "reject-chain")
+
+
+def count(ruleset: Ruleset) -> Counts:
+    """How much of kpgen's layout a ruleset holds (docs/design.md), from the rules' text."""
+    services: set[str] = set()
+    service_ports = addresses = node_ports = rejected = endpoints = 0
+    if ruleset.mode == "nftables":
+        targets: dict[str, set[str]] = {}
+        for chain in ruleset.chains.values():
+            found = _NFT_PORT_CHAIN.match(chain.name)
+            if found is None:
+                continue
+            key = found.group("key")
+            if found.group("kind") == "service":
+                service_ports += 1
+                services.add("/".join(key.split("/")[:2]))
+            dnats = {m.group(1) for text in chain.sources for m in _DNAT_TO.finditer(text)}
+            targets.setdefault(key, set()).update(dnats)
+        maps = ruleset.sets
+        addresses = len(maps["service-ips"].elements) if "service-ips" in maps else 0
+        node_ports = len(maps["service-nodeports"].elements) if "service-nodeports" in maps else 0
+        for name in ("no-endpoint-services", "no-endpoint-nodeports"):
+            elements = maps[name].elements if name in maps else []
+            rejected += sum(e.verdict == _REJECT_CHAIN for e in elements)
+        endpoints = sum(len(found) for found in targets.values())
+        return Counts(len(services), service_ports, endpoints, addresses, node_ports, rejected)
+    for chain in ruleset.chains.values():
+        if chain.name.startswith("KPGEN-SVC-"):
+            service_ports += 1
+        elif chain.name.startswith("KPGEN-SEP-"):
+            endpoints += 1
+        for text in chain.sources:
+            label = _IPT_LABEL.match(_comment(text) or "")
+            if label is None:
+                continue
+            if chain.table == "nat" and chain.name == "KPGEN-SERVICES":
+                services.add(label.group("key").split(":")[0])
+                addresses += 1
+            elif chain.table == "nat" and chain.name == "KPGEN-NODEPORTS":
+                node_ports += 1
+            elif chain.table == "filter" and label.group("rest") == " has no endpoints":
+                rejected += 1
+    return Counts(len(services), service_ports, endpoints, addresses, node_ports, rejected)
+
+
+def status(healthz: str = DEFAULT_HEALTHZ, iptables_backend: str = "auto") -> Status:
+    """What kpgen has loaded in this network namespace, and how ``kpgen run`` is doing."""
+    problems = []
+    found = loaded_rules(None, iptables_backend)
+    mode = rules = None
+    counts = None
+    if len(found) > 1:
+        problems.append("rules of both modes are loaded: " + ", ".join(f.where for f in found))
+    if found:
+        first = found[0]
+        mode, rules = first.mode, first.where
+        counts = count(parse_rules(first.text, first.mode, "kernel"))
+    else:
+        problems.append("no kpgen rules are loaded in this network namespace")
+    state = health(healthz)
+    return Status(mode, rules, counts, state, problems)
+
+
+# --- output -------------------------------------------------------------------------------------
+
+
+def to_json(value: Any) -> str:
+    """An explanation, service explanation or status as JSON (the dataclass tree)."""
+    return json.dumps(asdict(value), indent=2)
+
+
+def outcome_line(outcome: Outcome | Share) -> str:
+    """``DNAT to 10.0.0.1:80, masqueraded``, ``rejected``, ..."""
+    if outcome.kind == "dnat":
+        masqueraded = ", masqueraded" if outcome.masquerade else ", not masqueraded"
+        return f"DNAT to {outcome.destination}{masqueraded}"
+    words = {"untouched": "untouched", "reject": "rejected", "drop": "dropped"}
+    return words.get(outcome.kind, "cannot tell")
+
+
+def outcome_summary(outcomes: Sequence[Outcome]) -> list[str]:
+    """One line per outcome (for comparing two explanations)."""
+    return [f"{percent(o.probability)} {outcome_line(o)}" for o in outcomes]
