@@ -78,6 +78,21 @@ def master_api_server(lab: Lab, **options: float | int | None) -> ApiServer:
     return ApiServer(**options).start(listener)  # type: ignore[arg-type]
 
 
+def kpgen_run_argv(worker: str, mode: str, *flags: str) -> list[str]:
+    """``kpgen run`` on a lab worker as the e2e tests run it: syncs 100 ms apart, no HTTP
+    endpoints; ``flags`` say where its objects come from (and anything else)."""
+    return [
+        sys.executable, "-m", "kpgen", "run",
+        "--hostname-override", worker,
+        "--cluster-cidr", CLUSTER_CIDR,
+        "--proxy-mode", mode,
+        "--min-sync-period", "100ms",
+        "--healthz-bind-address", "",
+        "--metrics-bind-address", "",
+        *flags,
+    ]  # fmt: skip
+
+
 class KpgenRun:
     """``kpgen run`` on one worker of the lab, as a real process, logging to a file."""
 
@@ -85,17 +100,7 @@ class KpgenRun:
         self, lab: Lab, worker: str, kubeconfig: Path, mode: str, log: Path, *extra: str
     ) -> None:
         self.lab, self.worker, self.mode, self.log_path = lab, worker, mode, log
-        self.argv = [
-            sys.executable, "-m", "kpgen", "run",
-            "--kubeconfig", str(kubeconfig),
-            "--hostname-override", worker,
-            "--cluster-cidr", CLUSTER_CIDR,
-            "--proxy-mode", mode,
-            "--min-sync-period", "100ms",
-            "--healthz-bind-address", "",
-            "--metrics-bind-address", "",
-            *extra,
-        ]  # fmt: skip
+        self.argv = kpgen_run_argv(worker, mode, "--kubeconfig", str(kubeconfig), *extra)
         self.process: subprocess.Popen[bytes] | None = None
         self.started_at = 0  # where this run's lines start in the log
         self._terminated = 0.0

@@ -22,7 +22,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,9 +30,10 @@ from pathlib import Path
 
 import labs
 import pytest
+from lab_api import kpgen_run_argv
 
 from kpgen import lab as lab_module
-from kpgen.lab import CLUSTER_CIDR, MODES, POD_PYTHON, Lab
+from kpgen.lab import MODES, POD_PYTHON, Lab
 
 pytestmark = [pytest.mark.kernel, pytest.mark.e2e]
 
@@ -160,16 +160,7 @@ def cluster(
     process: subprocess.Popen[bytes] | None = None
     try:
         lab.up(mode)
-        argv = [
-            sys.executable, "-m", "kpgen", "run",
-            "--source", f"manifests:{manifests}",
-            "--hostname-override", WORKER,
-            "--cluster-cidr", CLUSTER_CIDR,
-            "--proxy-mode", mode,
-            "--min-sync-period", "100ms",
-            "--healthz-bind-address", "",
-            "--metrics-bind-address", "",
-        ]  # fmt: skip
+        argv = kpgen_run_argv(WORKER, mode, "--source", f"manifests:{manifests}")
         with open(log_path, "wb") as log:
             process = lab.popen_in(
                 WORKER,
