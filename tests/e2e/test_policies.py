@@ -13,13 +13,23 @@ connect that times out (curl exit 28 after 1 s), never one that is refused (exit
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 
 import labs
 import pytest
 from traffic import DATA, curl, requests
 
-from kpgen.lab import EXTERNAL_IP, MODES, NODE_BY_NAME, SEED, SEED_PODS, WORKERS, Lab
+from kpgen.lab import (
+    CLUSTER_CIDR,
+    EXTERNAL_IP,
+    MODES,
+    NODE_BY_NAME,
+    SEED,
+    SEED_PODS,
+    WORKERS,
+    Lab,
+)
 
 pytestmark = [pytest.mark.kernel, pytest.mark.e2e]
 
@@ -230,3 +240,29 @@ def test_session_affinity_keeps_each_client_on_one_pod(
     # it for another service), with it every one goes where the first went
     seen = answers(lab, client, host, port)
     assert len(seen) == 1, f"{client} -> {host}:{port} reached {sorted(seen)}"
+
+
+# --- --service-cidr -----------------------------------------------------------------------------
+
+CURL_REFUSED = 7
+
+
+def test_service_cidr_rejects_unknown_ports_and_drops_unallocated_addresses(lab: Lab) -> None:
+    worker = "k8s-worker01"  # test-pod's node
+    argv = [sys.executable, "-m", "kpgen", "apply", "--hostname-override", worker]
+    argv += ["--cluster-cidr", CLUSTER_CIDR, "--proxy-mode", str(lab.mode)]
+    argv += ["--service-cidr", "10.96.0.0/12"]
+    argv += [arg for path in MANIFESTS for arg in ("-f", str(path))]
+    try:
+        applied = lab.exec_in(worker, argv)
+        assert applied.returncode == 0, applied.stderr
+        # a ClusterIP on a port no service has: refused at once (the lab's gateway would answer
+        # "unreachable" without the rule too; the drop below is what only the rule does)
+        unknown_port = curl(lab, "test-pod", "http://10.101.179.255:9999/", max_time=DROP_TIMEOUT)
+        assert unknown_port.exit_code == CURL_REFUSED, unknown_port
+        # an address of the service range that no service has: dropped
+        assert_dropped(lab, "test-pod", "10.96.250.250", 80)
+        # and the services themselves still answer
+        assert set(answers(lab, "test-pod", "10.101.179.255", 8080)) == {"pod1", "pod2"}
+    finally:
+        lab.apply(worker, MANIFESTS)
