@@ -36,7 +36,6 @@ from kpgen.explain_rules import (
     Verdict,
     parse_iptables,
     parse_nft,
-    parse_pattern,
     read_iptables_line,
 )
 from kpgen.explain_trace import LOOPBACK, Hop, Locality, Packet, Tracer, Walk, percent
@@ -172,7 +171,7 @@ def _read_recent(name: str, element_set: ElementSet) -> None:
         found = re.match(r"src=(\S+)", line)
         if found:
             address = found.group(1)
-            element_set.add(Element(address, (parse_pattern(address, "addr"),)))
+            element_set.add(Element(address, (address,), ("addr",)))
 
 
 def live_locality() -> Locality:

@@ -19,6 +19,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
+from functools import cached_property
 
 IPv4Address = ipaddress.IPv4Address
 IPv4Network = ipaddress.IPv4Network
@@ -116,19 +117,48 @@ def exact_key(pattern: Pattern) -> object | None:
 
 @dataclass(frozen=True)
 class Element:
-    """A set or map element: the key's components, and for a map its value (a verdict)."""
+    """A set or map element: the key's components (their text, read into patterns when
+    needed), and for a map its value (a verdict)."""
 
     text: str
-    key: tuple[Pattern, ...]
+    components: tuple[str, ...]
+    kinds: tuple[str, ...]
     verdict: Statement | None = None
+
+    @cached_property
+    def key(self) -> tuple[Pattern, ...]:
+        return tuple(parse_pattern(c, k) for c, k in zip(self.components, self.kinds, strict=True))
+
+
+def _exact_text(component: str, kind: str) -> str | None:
+    """How a packet's value of ``kind`` is spelled when ``component`` alone matches it (an
+    address, a protocol, a number); None for a network or a range."""
+    if kind == "addr":
+        return None if "/" in component or "-" in component else component
+    if kind == "proto":
+        lowered = component.lower()
+        return PROTOCOL_NAMES.get(int(lowered), lowered) if lowered.isdigit() else lowered
+    if kind in ("port", "int"):
+        if "-" in component.lstrip("-") or ":" in component:
+            return None
+        return str(int(component, 0))
+    return None if kind == "flags" else component.lower()
+
+
+def value_text(value: object, kind: str) -> str:
+    """A packet's value spelled as :func:`_exact_text` spells a component."""
+    if kind == "proto" and isinstance(value, int):
+        return PROTOCOL_NAMES.get(value, str(value))
+    return str(value)
 
 
 @dataclass
 class ElementSet:
-    """A named or anonymous set or map, with an index for its exact (single-value) keys.
+    """A named or anonymous set or map.
 
     The elements of a named set are read when it is first looked into (``pending`` holds their
-    text until then): a walk reads only the sets it needs, whatever the cluster's size. An
+    text until then), and those that are one value are indexed by their text: a walk reads
+    only the sets it needs, and a lookup among 100,000 elements costs no address parsing. An
     element that cannot be read is kept in ``errors``."""
 
     name: str
@@ -138,7 +168,7 @@ class ElementSet:
     pending: list[str] = field(default_factory=list, repr=False)
     errors: list[str] = field(default_factory=list)
     _elements: list[Element] = field(default_factory=list, repr=False)
-    _exact: dict[tuple[object, ...], Element] = field(default_factory=dict, repr=False)
+    _exact: dict[tuple[str, ...], Element] = field(default_factory=dict, repr=False)
     _other: list[Element] = field(default_factory=list, repr=False)
 
     @property
@@ -149,25 +179,33 @@ class ElementSet:
     def _load(self) -> None:
         pending, self.pending = self.pending, []
         for text in pending:
+            words = _nft_words(text) if '"' in text else text.split()
             try:
-                self.add(_element(_nft_words(text), self.kinds, self.is_map))
+                self.add(_element(words, self.kinds, self.is_map))
             except RuleSyntaxError as error:
                 self.errors.append(str(error))
 
     def add(self, element: Element) -> None:
         self._elements.append(element)
-        keys = tuple(exact_key(p) for p in element.key)
-        if None in keys:
+        try:
+            spelled = [
+                _exact_text(c, k) for c, k in zip(element.components, self.kinds, strict=True)
+            ]
+        except ValueError:
+            spelled = [None]
+        if None in spelled:
+            element.key  # noqa: B018  (a network or range: read now, looked at on every lookup)
             self._other.append(element)
         else:
-            self._exact.setdefault(keys, element)
+            self._exact.setdefault(tuple(s for s in spelled if s is not None), element)
 
     def lookup(self, values: tuple[object, ...]) -> Element | None:
         """The element matching a packet's ``values`` (the first, as the kernel's)."""
         self._load()
         flags = any(isinstance(v, frozenset) for v in values)
-        if not flags:
-            found = self._exact.get(values)
+        if not flags and len(values) == len(self.kinds):
+            spelled = tuple(value_text(v, k) for v, k in zip(values, self.kinds, strict=True))
+            found = self._exact.get(spelled)
             if found is not None:
                 return found
         for element in self._other if not flags else self._elements:
@@ -374,12 +412,15 @@ class _NftParser:
         self.index += 1
         if text.endswith("{") and _OPENING.match(text):
             return text
-        while _depth(text) > 0 and self.index < len(self.lines):
-            text += " " + self.lines[self.index]
+        depth = _depth(text)
+        parts = [text]
+        while depth > 0 and self.index < len(self.lines):
+            parts.append(self.lines[self.index])
+            depth += _depth(self.lines[self.index])
             self.index += 1
-        if _depth(text) > 0:
+        if depth > 0:
             raise RuleSyntaxError(f"line {first + 1}: a brace is not closed")
-        return text
+        return " ".join(parts)
 
     def body(self, what: str) -> list[str]:
         """The lines of a block up to its closing brace."""
@@ -504,14 +545,10 @@ def _element(tokens: list[str], kinds: tuple[str, ...], is_map: bool) -> Element
         verdict = _verdict(value)
         if verdict is None:
             raise RuleSyntaxError(f"map element with a value that is not a verdict: {text!r}")
-    components = [w for i, w in enumerate(words) if i % 2 == 0]
+    components = tuple(w for i, w in enumerate(words) if i % 2 == 0)
     if any(w != "." for i, w in enumerate(words) if i % 2 == 1) or len(components) != len(kinds):
         raise RuleSyntaxError(f"element {text!r} does not fit the type of its set")
-    try:
-        key = tuple(parse_pattern(c, k) for c, k in zip(components, kinds, strict=True))
-    except ValueError as error:
-        raise RuleSyntaxError(f"element {text!r}: {error}") from None
-    return Element(text, key, verdict)
+    return Element(text, components, kinds, verdict)
 
 
 def _verdict(words: list[str]) -> Verdict | None:
@@ -936,7 +973,7 @@ def parse_iptables_rule(chain: str, spec: list[str], text: str) -> Rule:
             elif word in ("--ctstate", "--state") and modules & {"conntrack", "state"}:
                 states = ElementSet("{…}", ("flags",))
                 for state in value().lower().split(","):
-                    states.add(Element(state, (state,)))
+                    states.add(Element(state, (state,), ("flags",)))
                 matches.append(Match((Selector("ct_state"),), anonymous=states, negate=negate))
                 negate = False
             elif "recent" in modules and word in _RECENT:

@@ -1049,3 +1049,34 @@ def test_live_session_affinity_sends_a_remembered_client_back_to_its_endpoint(
         "192.168.70.1:8080",
         "192.168.70.2:8080",
     ]
+
+
+def test_a_map_of_20000_elements_is_read_and_looked_up_at_once() -> None:
+    # one element a line after the first, as the kernel lists a big map
+    elements = [
+        f"10.{n // 65536}.{n // 256 % 256}.{n % 256} . tcp . 80 : goto svc" for n in range(20000)
+    ]
+    listing = "elements = { " + ",\n\t\t\t     ".join(elements) + " }"
+    text = textwrap.dedent(
+        f"""\
+        table ip kpgen {{
+        \tmap service-ips {{
+        \t\ttype ipv4_addr . inet_proto . inet_service : verdict
+        \t\t{listing}
+        \t}}
+        \tchain svc {{
+        \t\tmeta l4proto tcp dnat to 192.168.70.1:8080
+        \t}}
+        \tchain nat-prerouting {{
+        \t\ttype nat hook prerouting priority dstnat; policy accept;
+        \t\tip daddr . meta l4proto . th dport vmap @service-ips
+        \t}}
+        }}
+        """
+    )
+    started = time.monotonic()
+    ruleset = ex.parse_rules(text, "nftables", "kernel")
+    packet = ex.parse_packet(GATEWAY, "10.0.78.31:80", "tcp")
+    answer = ex.explain_packet(ruleset, packet, Locality([], "test"), "node-a")
+    assert answer.outcome_set() == _dnat(("192.168.70.1:8080", False))
+    assert time.monotonic() - started < 3  # minutes when reading it was quadratic

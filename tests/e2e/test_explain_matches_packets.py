@@ -114,12 +114,13 @@ def _outcomes(answer: dict[str, Any]) -> dict[Outcome, float]:
 
 
 def explain_both_ways(
-    lab: Lab, scenario: Scenario, manifests: list[str]
+    lab: Lab, scenario: Scenario, manifests: list[str], flags: tuple[str, ...] = ()
 ) -> tuple[dict[Outcome, float], dict[Outcome, float]]:
-    """explain in manifest mode (here) and with --live (on the worker): their outcomes."""
+    """explain in manifest mode (here, with the node ``flags`` apply had besides the lab's)
+    and with --live (on the worker): their outcomes."""
     question = ["--src", scenario.src, "--dst", scenario.dst, "-o", "json"]
     files = [arg for path in manifests for arg in ("-f", path)]
-    args = ["explain", *files, *_node_args(scenario.node), "--proxy-mode", str(lab.mode)]
+    args = ["explain", *files, *_node_args(scenario.node), *flags, "--proxy-mode", str(lab.mode)]
     offline = CliRunner().invoke(main, [*args, *question])
     assert offline.exit_code == 0, offline.stderr
     live = lab.exec_in(scenario.node, [sys.executable, "-m", "kpgen", "explain", "--live",
@@ -193,6 +194,30 @@ def test_explain_predicts_a_quarter_each_for_four_endpoints(scratch: Lab) -> Non
     assert sorted(live.values()) == pytest.approx([0.25] * 4)
     tally = requests(lab, "test-pod", "10.96.44.4", 8080, 120)
     assert observed(tally, scenario.src) == set(predicted)
+
+
+def test_explain_predicts_what_the_service_cidr_rules_do(scratch: Lab) -> None:
+    lab = scratch
+    worker = "k8s-worker01"
+    flags = ("--service-cidr", "10.96.0.0/12")
+    argv = [sys.executable, "-m", "kpgen", "apply", "-f", str(SEED)]
+    argv += [*_node_args(worker), *flags, "--proxy-mode", str(lab.mode)]
+    applied = lab.exec_in(worker, argv)
+    assert applied.returncode == 0, applied.stderr
+    refused = Scenario("unknown-port", "test-pod", worker, "10.101.179.255:9999")
+    predicted, live = explain_both_ways(lab, refused, [str(SEED)], flags)
+    assert predicted == live == {("reject", None, False): 1.0}
+    answer = curl(lab, "test-pod", "http://10.101.179.255:9999/", max_time=1)
+    assert (answer.exit_code, answer.seconds < 0.5) == (7, True), answer  # refused at once
+    unallocated = Scenario("unallocated", "test-pod", worker, "10.96.250.250:80")
+    predicted, live = explain_both_ways(lab, unallocated, [str(SEED)], flags)
+    assert predicted == live == {("drop", None, False): 1.0}
+    assert curl(lab, "test-pod", "http://10.96.250.250/", max_time=1).exit_code == 28
+    served = Scenario("served", "test-pod", worker, "10.101.179.255:8080")
+    predicted, live = explain_both_ways(lab, served, [str(SEED)], flags)
+    assert live == predicted and len(predicted) == 2
+    tally = requests(lab, "test-pod", *served.host_port, REQUESTS)
+    assert observed(tally, served.src) == set(predicted)
 
 
 # --- the traffic-policy scenarios of tests/e2e/test_policies.py --------------------------------
