@@ -28,13 +28,13 @@ def nft_chain(kind: str, port: PortPlan) -> str:
     return f"{kind}-{port.key}"
 
 
+@functools.lru_cache(maxsize=1 << 17)
 def _hash(text: str) -> str:
     # 10 bytes are 16 base32 characters: the same as encoding the whole digest and cutting
     digest = hashlib.sha256(text.encode()).digest()[:10]
     return base64.b32encode(digest).decode()
 
 
-@functools.lru_cache(maxsize=1 << 17)
 def ipt_chain(kind: str, port: PortPlan, backend: Backend | None = None) -> str:
     """``KPGEN-SVC-``, ``KPGEN-EXT-`` or (with ``backend``) ``KPGEN-SEP-`` + a hash."""
     what = port.key if backend is None else f"{port.key}/{backend.address}/{backend.port}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
 from kpgen.model import (
     ClusterState,
@@ -71,7 +72,7 @@ class PortPlan:
         """kube-proxy's ServicePortName: ``namespace/name:port-name``."""
         return f"{self.service}:{self.port.name}" if self.port.name else str(self.service)
 
-    @property
+    @cached_property
     def external_addresses(self) -> tuple[IPAddress, ...]:
         """externalIPs and load-balancer IPs: both are external destinations. An address that
         is also the ClusterIP stays a ClusterIP (one address, protocol and port: one rule)."""
@@ -79,7 +80,7 @@ class PortPlan:
         addresses.pop(self.cluster_ip, None)
         return tuple(addresses)
 
-    @property
+    @cached_property
     def firewalled_addresses(self) -> tuple[IPAddress, ...]:
         """LB IPs that only ``loadBalancerSourceRanges`` may reach (NodePorts are not
         restricted, nor are externalIPs)."""
@@ -91,7 +92,7 @@ class PortPlan:
     def has_external(self) -> bool:
         return self.port.node_port is not None or bool(self.external_addresses)
 
-    @property
+    @cached_property
     def endpoints(self) -> tuple[Backend, ...]:
         """Every endpoint some traffic may reach."""
         return tuple(sorted({*self.cluster_endpoints, *self.local_endpoints}))
