@@ -27,6 +27,12 @@ class Metrics:
         def histogram(name: str, doc: str, buckets: tuple[float, ...] = SYNC_BUCKETS) -> Histogram:
             return Histogram(name, doc, namespace="kubeproxy", registry=r, buckets=buckets)
 
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, namespace="kubeproxy", registry=r)
+
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+            return Counter(name, doc, labels, namespace="kubeproxy", registry=r)
+
         self.sync_duration = histogram(
             "sync_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds"
         )
@@ -36,66 +42,40 @@ class Metrics:
         self.sync_partial_duration = histogram(
             "sync_partial_proxy_rules_duration_seconds", "SyncProxyRules latency of partial syncs"
         )
-        self.last_sync = Gauge(
+        self.last_sync = gauge(
             "sync_proxy_rules_last_timestamp_seconds",
             "The last time proxy rules were successfully synced",
-            namespace="kubeproxy",
-            registry=r,
         )
-        self.last_queued = Gauge(
+        self.last_queued = gauge(
             "sync_proxy_rules_last_queued_timestamp_seconds",
             "The last time a sync of proxy rules was queued",
-            namespace="kubeproxy",
-            registry=r,
         )
         self.programming_duration = histogram(
             "network_programming_duration_seconds",
             "In-cluster network programming latency in seconds",
             PROGRAMMING_BUCKETS,
         )
-        self.endpoint_changes_pending = Gauge(
-            "sync_proxy_rules_endpoint_changes_pending",
-            "Pending proxy rules Endpoint changes",
-            namespace="kubeproxy",
-            registry=r,
+        self.endpoint_changes_pending = gauge(
+            "sync_proxy_rules_endpoint_changes_pending", "Pending proxy rules Endpoint changes"
         )
-        self.endpoint_changes_total = Counter(
-            "sync_proxy_rules_endpoint_changes",
-            "Cumulative proxy rules Endpoint changes",
-            namespace="kubeproxy",
-            registry=r,
+        self.endpoint_changes_total = counter(
+            "sync_proxy_rules_endpoint_changes", "Cumulative proxy rules Endpoint changes"
         )
-        self.service_changes_pending = Gauge(
-            "sync_proxy_rules_service_changes_pending",
-            "Pending proxy rules Service changes",
-            namespace="kubeproxy",
-            registry=r,
+        self.service_changes_pending = gauge(
+            "sync_proxy_rules_service_changes_pending", "Pending proxy rules Service changes"
         )
-        self.service_changes_total = Counter(
-            "sync_proxy_rules_service_changes",
-            "Cumulative proxy rules Service changes",
-            namespace="kubeproxy",
-            registry=r,
+        self.service_changes_total = counter(
+            "sync_proxy_rules_service_changes", "Cumulative proxy rules Service changes"
         )
         failures = (
             "sync_proxy_rules_nftables_sync_failures"
             if mode == "nftables"
             else "sync_proxy_rules_iptables_restore_failures"
         )
-        self.sync_failures = Counter(
-            failures, "Cumulative proxy rules sync failures", namespace="kubeproxy", registry=r
-        )
-        self.partial_failures = Counter(
+        self.sync_failures = counter(failures, "Cumulative proxy rules sync failures")
+        self.partial_failures = counter(
             failures.replace("_sync_", "_partial_sync_").replace("_restore_", "_partial_restore_"),
             "Cumulative proxy rules partial sync failures",
-            namespace="kubeproxy",
-            registry=r,
         )
-        self.healthz = Counter(
-            "proxy_healthz", "Cumulative proxy healthz HTTP status", ["code"],
-            namespace="kubeproxy", registry=r,
-        )  # fmt: skip
-        self.livez = Counter(
-            "proxy_livez", "Cumulative proxy livez HTTP status", ["code"],
-            namespace="kubeproxy", registry=r,
-        )  # fmt: skip
+        self.healthz = counter("proxy_healthz", "Cumulative proxy healthz HTTP status", ("code",))
+        self.livez = counter("proxy_livez", "Cumulative proxy livez HTTP status", ("code",))
