@@ -310,9 +310,9 @@ def test_a_sync_period_without_changes_brings_a_full_sync(start: Callable[..., R
     assert 0.6 - 0.02 <= third - first <= 0.6 + 0.5
 
 
-def test_a_failed_sync_is_counted_and_the_next_sync_is_full(
-    start: Callable[..., Running],
-) -> None:
+def partial_refused_once(start: Callable[..., Running]) -> Running:
+    """A controller whose loader refuses the first partial sync, after a full one and one
+    endpoint change."""
     loader = RecordingLoader()
     failures = iter([True])
     loader.fail = lambda kind: kind == "partial" and next(failures, False)
@@ -320,8 +320,15 @@ def test_a_failed_sync_is_counted_and_the_next_sync_is_full(
     run.list_all(web("10.244.0.1"))
     loader.wait_calls(1)
     slice_update(run, "10.244.0.1", "10.244.0.2")
+    return run
+
+
+def test_a_failed_sync_is_counted_and_the_next_sync_is_full(
+    start: Callable[..., Running],
+) -> None:
+    run = partial_refused_once(start)
     # the refused partial, then a full one without any further change
-    assert loader.wait_calls(3) == ["full", "partial", "full"]
+    assert run.loader.wait_calls(3) == ["full", "partial", "full"]
     run.settle(3)
     assert run.sample("kubeproxy_sync_proxy_rules_nftables_sync_failures_total") == 1
     assert run.sample("kubeproxy_sync_proxy_rules_nftables_partial_sync_failures_total") == 1
@@ -329,7 +336,7 @@ def test_a_failed_sync_is_counted_and_the_next_sync_is_full(
     assert run.sample("kubeproxy_sync_partial_proxy_rules_duration_seconds_count") == 0
     assert "sync failed, the previous rules stay" in run.log.text
     slice_update(run, "10.244.0.1")  # and back to partial syncs afterwards
-    assert loader.wait_calls(4)[-1] == "partial"
+    assert run.loader.wait_calls(4)[-1] == "partial"
 
 
 def test_a_failed_full_sync_is_retried_after_a_backoff(start: Callable[..., Running]) -> None:
@@ -654,13 +661,7 @@ def test_parse_duration_takes_a_bare_zero_as_go_does() -> None:
 def test_json_logs_are_one_object_a_line_with_the_sync_fields(
     start: Callable[..., Running],
 ) -> None:
-    loader = RecordingLoader()
-    failures = iter([True])
-    loader.fail = lambda kind: kind == "partial" and next(failures, False)
-    run = start(loader=loader)
-    run.list_all(web("10.244.0.1"))
-    loader.wait_calls(1)
-    slice_update(run, "10.244.0.1", "10.244.0.2")
+    run = partial_refused_once(start)
     run.settle(3)
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)  # as setup_logging(..., "json") makes it
