@@ -699,17 +699,7 @@ def test_cli_refuses_a_question_it_cannot_answer_in_one_line(args: list[str], me
 
 
 def _in(namespace: str, *argv: str, stdin: str | None = None) -> str:
-    assert namespace.startswith(kernel.PREFIX)
-    result = subprocess.run(
-        ["ip", "netns", "exec", namespace, *argv],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, f"{argv}: {result.stderr}"
-    return result.stdout
+    return kernel.output_of(namespace, list(argv), stdin)
 
 
 def _load(namespace: str, text: str, mode: str) -> str:
