@@ -45,7 +45,11 @@ from kpgen.model import (
 
 SERVICE_API = ("v1", "Service")
 SLICE_API = ("discovery.k8s.io/v1", "EndpointSlice")
+# What clusters before 1.21 served (removed in 1.25): node and zone in ``topology``.
+SLICE_API_V1BETA1 = ("discovery.k8s.io/v1beta1", "EndpointSlice")
 NODE_API = ("v1", "Node")
+CLUSTER_SCOPED = frozenset({"Node"})
+HOSTNAME_TOPOLOGY = "kubernetes.io/hostname"
 
 
 @dataclass(frozen=True)
@@ -101,13 +105,23 @@ def _labels(meta: Field) -> Mapping[str, Any]:
     return labels.mapping() if labels else {}
 
 
-def _display_ref(doc: Mapping[str, Any]) -> str:
-    """namespace/name of a document as well as it can be read, for a message."""
+def _display_ref(doc: Mapping[str, Any], kind: str) -> str:
+    """namespace/name of a document as well as it can be read, for a message; a
+    cluster-scoped object (a Node) is named by its kind and name: ``Node worker-1``."""
     meta = doc.get("metadata")
     if not isinstance(meta, dict):
         return "(no metadata)"
-    namespace, name = meta.get("namespace") or "default", meta.get("name") or "(no name)"
-    return printable(f"{namespace}/{name}")
+    name = meta.get("name") or "(no name)"
+    if kind in CLUSTER_SCOPED:
+        return printable(f"{kind} {name}")
+    return printable(f"{meta.get('namespace') or 'default'}/{name}")
+
+
+def _port_name(entry: Field) -> str:
+    """The name of a Service's or an EndpointSlice's port: "" for the unnamed port, whether
+    the name is absent, null or "" (the EndpointSlice controller writes ``name: ""``)."""
+    name = entry.get("name")
+    return name.name() if name is not None and name.value != "" else ""
 
 
 # --- Services ---------------------------------------------------------------------------
@@ -123,8 +137,7 @@ def _service_ports(spec: Field, service_type: ServiceType) -> tuple[ServicePort,
     seen_node_ports: set[tuple[Protocol, int]] = set()
     ports = []
     for entry in entries:
-        name_field = entry.get("name")
-        name = name_field.name() if name_field else ""
+        name = _port_name(entry)
         if len(entries) > 1 and not name:
             raise Invalid(f"{entry.path}.name", "required when a service has several ports")
         if name in seen_names:
@@ -259,15 +272,28 @@ def _hints(entry: Field, key: str) -> tuple[str, ...] | None:
     return tuple(item["name"].string() for item in listed.items())
 
 
-def _endpoint(entry: Field, family: IPFamily) -> Endpoint:
+def _placement(entry: Field, beta: bool) -> tuple[Field | None, Field | None]:
+    """(node name, zone) of an endpoint: v1's ``nodeName`` and ``zone``; v1beta1's
+    ``topology`` labels where those are absent (v1beta1 gained ``nodeName`` in 1.20)."""
+    node, zone = entry.get("nodeName"), entry.get("zone")
+    topology = entry.get("topology") if beta else None
+    if topology is not None:
+        labels = topology.mapping()
+        if node is None and labels.get(HOSTNAME_TOPOLOGY) is not None:
+            node = Field(labels[HOSTNAME_TOPOLOGY], f"{topology.path}.{HOSTNAME_TOPOLOGY}")
+        if zone is None and labels.get(ZONE_LABEL) is not None:
+            zone = Field(labels[ZONE_LABEL], f"{topology.path}.{ZONE_LABEL}")
+    return node, zone
+
+
+def _endpoint(entry: Field, family: IPFamily, beta: bool) -> Endpoint:
     addresses = list(entry["addresses"].items())
     if not addresses:
         raise Invalid(f"{entry.path}.addresses", "needs at least one address")
     address = addresses[0].ip()
     if IPFamily.of(address) is not family:
         raise addresses[0].invalid(f"{address} is not an {family.value} address")
-    node = entry.get("nodeName")
-    zone = entry.get("zone")
+    node, zone = _placement(entry, beta)
     return Endpoint(
         address=address,
         conditions=_conditions(entry),
@@ -279,17 +305,17 @@ def _endpoint(entry: Field, family: IPFamily) -> Endpoint:
 
 
 def _endpoint_port(entry: Field) -> EndpointPort:
-    name = entry.get("name")
     protocol = entry.get("protocol")
     port = entry.get("port")
     return EndpointPort(
-        name=name.name() if name else "",
+        name=_port_name(entry),
         protocol=protocol.choice(Protocol) if protocol else Protocol.TCP,
         port=port.port() if port else None,
     )
 
 
-def parse_slice(doc: Field) -> EndpointSlice:
+def parse_slice(doc: Field, beta: bool = False) -> EndpointSlice:
+    """A discovery.k8s.io/v1 EndpointSlice, or (``beta``) a v1beta1 one."""
     meta = doc["metadata"]
     ref = _ref(meta, "EndpointSlice")
     service_name = _labels(meta).get(SERVICE_NAME_LABEL)
@@ -307,7 +333,9 @@ def parse_slice(doc: Field) -> EndpointSlice:
         service=ObjectRef(ref.namespace, service),
         family=family,
         ports=tuple(_endpoint_port(p) for p in ports.items()) if ports else (),
-        endpoints=tuple(_endpoint(e, family) for e in endpoints.items()) if endpoints else (),
+        endpoints=tuple(_endpoint(e, family, beta) for e in endpoints.items())
+        if endpoints
+        else (),
     )
 
 
@@ -334,6 +362,7 @@ def parse_node(doc: Field) -> Node:
 _PARSERS: dict[tuple[str, str], Callable[[Field], Service | EndpointSlice | Node]] = {
     SERVICE_API: parse_service,
     SLICE_API: parse_slice,
+    SLICE_API_V1BETA1: lambda doc: parse_slice(doc, beta=True),
     NODE_API: parse_node,
 }
 
@@ -400,9 +429,9 @@ def parse_object(doc: Any) -> Outcome:
     try:
         return parser(Field(doc))
     except _Skip as skip:
-        return Skipped(_display_ref(doc), kind, skip.reason)
+        return Skipped(_display_ref(doc, kind), kind, skip.reason)
     except Invalid as error:
-        return Problem(_display_ref(doc), kind, error.field, error.problem)
+        return Problem(_display_ref(doc, kind), kind, error.field, error.problem)
 
 
 def assemble(outcomes: Iterable[Outcome]) -> ParseResult:

@@ -19,7 +19,9 @@ from kpgen.model import (
     SessionAffinity,
     TrafficPolicy,
 )
+from kpgen.node import NodeConfig
 from kpgen.parse import ParseResult, Skipped, parse_documents
+from kpgen.plan import build_plans
 
 ip = ipaddress.ip_address
 
@@ -528,14 +530,14 @@ def test_other_kinds_and_api_versions_are_counted_as_ignored():
         {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"}},
         {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web-1"}},
         {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web-2"}},
-        {"apiVersion": "discovery.k8s.io/v1beta1", "kind": "EndpointSlice"},
+        {"apiVersion": "discovery.k8s.io/v1alpha1", "kind": "EndpointSlice"},
         {"metadata": {"name": "nothing"}},
     )
     assert result.ignored == Counter(
         {
             "Deployment (apps/v1)": 1,
             "Pod (v1)": 2,
-            "EndpointSlice (discovery.k8s.io/v1beta1)": 1,
+            "EndpointSlice (discovery.k8s.io/v1alpha1)": 1,
             "(no kind) (no apiVersion)": 1,
         }
     )
@@ -735,3 +737,107 @@ def test_state_is_sorted_by_namespace_and_name_whatever_the_input_order():
     assert [str(s.ref) for s in forward.services] == ["x/a", "x/b", "y/a"]
     assert [str(s.ref) for s in forward.slices] == ["default/s1", "default/s2"]
     assert forward == backward
+
+
+# --- shapes a real API server writes ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("service_name", [None, "", "absent"], ids=["null", "empty", "absent"])
+@pytest.mark.parametrize("slice_name", [None, "", "absent"], ids=["null", "empty", "absent"])
+def test_unnamed_port_is_the_same_port_however_the_name_is_spelled(service_name, slice_name):
+    """The EndpointSlice controller writes ``name: ""`` for an unnamed service port; a user's
+    manifest leaves it out; a server may write null. All three are the unnamed port, and the
+    service's endpoints come through whichever spelling each side uses."""
+
+    def port(name: object, number: int) -> dict:
+        entry = {"protocol": "TCP", "port": number}
+        return entry if name == "absent" else {"name": name, **entry}
+
+    docs = [
+        service("web", cluster_ip="10.96.0.5", ports=[port(service_name, 80)]),
+        endpoint_slice(
+            "web-x1",
+            service_name="web",
+            ports=[port(slice_name, 8080)],
+            endpoints=[endpoint("10.244.1.1", conditions={"ready": True})],
+        ),
+    ]
+    result = parse_documents(docs)
+    assert result.problems == []
+    (plan,) = build_plans(result.state, NodeConfig(hostname="worker-1"))
+    (port_plan,) = plan.ports
+    assert port_plan.port.name == ""
+    assert [(str(b.address), b.port) for b in port_plan.cluster_endpoints] == [("10.244.1.1", 8080)]
+
+
+def test_a_named_port_still_needs_a_dns_label():
+    bad_name = service("web", ports=[{"name": "Web_Port", "port": 80}])
+    result = parse_beside_good(bad_name)
+    assert problem_texts(result) == [
+        'default/web: spec.ports[0].name: "Web_Port" is not an RFC 1123 label'
+        " (lower case, at most 63) (Service skipped)"
+    ]
+
+
+def test_two_unnamed_ports_are_still_a_problem_with_either_spelling():
+    doc = service("web", ports=[{"name": "", "port": 80}, {"port": 81}])
+    assert problem_texts(parse_beside_good(doc)) == [
+        "default/web: spec.ports[0].name: required when a service has several ports"
+        " (Service skipped)"
+    ]
+
+
+def v1beta1_slice(**endpoint_fields: object) -> dict:
+    doc = endpoint_slice(
+        "web-b1",
+        service_name="web",
+        ports=[{"name": "", "protocol": "TCP", "port": 8080}],
+        endpoints=[endpoint("10.244.1.1", conditions={"ready": True}, **endpoint_fields)],
+    )
+    return {**doc, "apiVersion": "discovery.k8s.io/v1beta1"}
+
+
+def test_v1beta1_slice_takes_node_and_zone_from_its_topology():
+    topology = {
+        "kubernetes.io/hostname": "worker-1",
+        "topology.kubernetes.io/zone": "zone-a",
+        "topology.kubernetes.io/region": "region-1",
+    }
+    (parsed,) = parse_documents([v1beta1_slice(topology=topology)]).state.slices
+    (only,) = parsed.endpoints
+    assert (only.node_name, only.zone) == ("worker-1", "zone-a")
+
+
+def test_v1beta1_slice_prefers_its_node_name_field_to_the_topology_label():
+    doc = v1beta1_slice(nodeName="worker-2", topology={"kubernetes.io/hostname": "worker-1"})
+    (parsed,) = parse_documents([doc]).state.slices
+    assert parsed.endpoints[0].node_name == "worker-2"
+
+
+def test_v1beta1_slice_with_a_bad_topology_hostname_names_the_field():
+    doc = v1beta1_slice(topology={"kubernetes.io/hostname": "Worker_1"})
+    assert problem_texts(parse_beside_good(doc)) == [
+        "default/web-b1: endpoints[0].topology.kubernetes.io/hostname:"
+        ' "Worker_1" is not an RFC 1123 subdomain (lower case, at most 253)'
+        " (EndpointSlice skipped)"
+    ]
+
+
+def test_a_v1_slice_ignores_a_topology_field():
+    doc = {**v1beta1_slice(topology={"kubernetes.io/hostname": "worker-1"})}
+    doc["apiVersion"] = "discovery.k8s.io/v1"
+    (parsed,) = parse_documents([doc]).state.slices
+    assert parsed.endpoints[0].node_name is None
+
+
+def test_a_node_is_named_without_a_namespace():
+    node = {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": "ci-worker-b"},
+        "status": {"addresses": [{"type": "InternalIP", "address": "10.0.0.300"}]},
+    }
+    assert problem_texts(parse_beside_good(node)) == [
+        'Node ci-worker-b: status.addresses[0].address: "10.0.0.300" is not an IP address'
+        " (Node skipped)"
+    ]
