@@ -40,8 +40,23 @@ def _decorate(command: F, options: Sequence[Any]) -> F:
     return command
 
 
+def api_options(kubeconfig_help: str) -> Callable[[F], F]:
+    """How to reach the Kubernetes API: the same flags, and client, for every command."""
+    return lambda command: _decorate(
+        command,
+        [
+            click.option("--kubeconfig", metavar="FILE", help=kubeconfig_help),
+            click.option(
+                "--master",
+                metavar="URL",
+                help="The API server's address (overrides the kubeconfig).",
+            ),
+        ],
+    )
+
+
 def input_options(command: F) -> F:
-    """Where the offline commands read their manifests."""
+    """Where the one-shot commands read their objects: manifests, or a live cluster."""
     return _decorate(
         command,
         [
@@ -50,9 +65,12 @@ def input_options(command: F) -> F:
                 "--filename",
                 "sources",
                 multiple=True,
-                required=True,
                 metavar="FILE|DIR|-",
                 help="Manifests (YAML or JSON; - for stdin). Repeatable.",
+            ),
+            api_options(
+                "Instead of -f: list Services, EndpointSlices and this node's Node once from "
+                "this kubeconfig's cluster, as `kpgen run` would."
             ),
             click.option("-v", "--verbose", count=True, help="Also say what was skipped, and why."),
         ],
@@ -121,13 +139,41 @@ iptables_backend_option = click.option(
 )
 
 
-def _read_inputs(sources: tuple[str, ...], verbose: int) -> ParseResult:
+class Inputs:
+    """Where a one-shot command's objects come from: ``-f`` manifests or ``--kubeconfig``."""
+
+    def __init__(self, sources: tuple[str, ...], kubeconfig: str | None, master: str | None):
+        if sources and kubeconfig:
+            _fail("give either -f MANIFESTS or --kubeconfig FILE, not both")
+        self.sources, self.kubeconfig, self.master = sources, kubeconfig, master
+
+    def __bool__(self) -> bool:
+        return bool(self.sources or self.kubeconfig)
+
+    def documents(self, node: NodeConfig) -> list[Any]:
+        if not self.kubeconfig:
+            return load_documents(list(self.sources))
+        from kpgen.sources import ApiListError, api_client, list_cluster
+
+        try:
+            api = api_client(self.kubeconfig, self.master)
+        except Exception as error:  # the client's ConfigException, a missing or bad file
+            raise InputError(f"--kubeconfig {self.kubeconfig}: {error}") from None
+        try:
+            return list_cluster(api, node.hostname)
+        except ApiListError as error:
+            raise InputError(f"cannot list the cluster: {error}") from None
+
+
+def _read_inputs(inputs: Inputs, node: NodeConfig, verbose: int) -> ParseResult:
     # A one-shot command builds a large heap of objects that all live to the end: the cyclic
     # garbage collector would only walk it again and again (half the time of parsing 10,000
     # services, three quarters of decoding their YAML; docs/performance.md).
     gc.disable()
+    if not inputs:
+        _fail("no objects to read: give -f MANIFESTS or --kubeconfig FILE")
     try:
-        documents = load_documents(list(sources))
+        documents = inputs.documents(node)
     except InputError as error:
         _fail(str(error))
     result = parse_documents(documents)
@@ -191,7 +237,13 @@ def main() -> None:
 @input_options
 @node_options
 @_no_traceback
-def render_command(sources: tuple[str, ...], verbose: int, **options: Any) -> None:
+def render_command(
+    sources: tuple[str, ...],
+    kubeconfig: str | None,
+    master: str | None,
+    verbose: int,
+    **options: Any,
+) -> None:
     """Print the rules this node would load, without touching it.
 
     \b
@@ -199,9 +251,11 @@ def render_command(sources: tuple[str, ...], verbose: int, **options: Any) -> No
       kpgen render -f examples/seed-cluster.yaml --hostname-override k8s-worker01 \\
           --cluster-cidr 192.168.0.0/16
       kubectl get svc,endpointslices -A -o yaml | kpgen render -f -
+      kpgen render --kubeconfig ~/.kube/config --hostname-override worker-1
     """
+    inputs = Inputs(sources, kubeconfig, master)
     node = _node(options)
-    result = _read_inputs(sources, verbose)
+    result = _read_inputs(inputs, node, verbose)
     click.echo(render(result.state, node), nl=False)
 
 
@@ -212,15 +266,22 @@ def render_command(sources: tuple[str, ...], verbose: int, **options: Any) -> No
 @iptables_backend_option
 @_no_traceback
 def apply_command(
-    sources: tuple[str, ...], verbose: int, check: bool, iptables_backend: str, **options: Any
+    sources: tuple[str, ...],
+    kubeconfig: str | None,
+    master: str | None,
+    verbose: int,
+    check: bool,
+    iptables_backend: str,
+    **options: Any,
 ) -> None:
     """Load the rules into this network namespace, atomically.
 
     The rules kpgen loaded before are replaced in one kernel transaction; the other proxy
     mode's rules are removed. If the kernel refuses the rules, nothing changes.
     """
+    inputs = Inputs(sources, kubeconfig, master)
     node = _node(options)
-    result = _read_inputs(sources, verbose)
+    result = _read_inputs(inputs, node, verbose)
     try:
         summary = apply_plans(
             build_plans(result.state, node),
@@ -266,12 +327,7 @@ def cleanup_command(proxy_mode: str) -> None:
     metavar="api|manifests:DIR",
     help="Where objects come from: the Kubernetes API, or a directory re-read when it changes.",
 )
-@click.option(
-    "--kubeconfig", metavar="FILE", help="Kubeconfig. [default: in-cluster, then ~/.kube]"
-)
-@click.option(
-    "--master", metavar="URL", help="The API server's address (overrides the kubeconfig)."
-)
+@api_options("Kubeconfig. [default: in-cluster, then ~/.kube]")
 @click.option("--min-sync-period", default="1s", show_default=True, metavar="DURATION",
               help="Syncs come no more often than this.")  # fmt: skip
 @click.option("--sync-period", default="30s", show_default=True, metavar="DURATION",
@@ -321,15 +377,7 @@ output_option = click.option(
 
 
 @main.command("explain")
-@click.option(
-    "-f",
-    "--filename",
-    "sources",
-    multiple=True,
-    metavar="FILE|DIR|-",
-    help="Manifests (YAML or JSON; - for stdin). Repeatable. Required unless --live.",
-)
-@click.option("-v", "--verbose", count=True, help="Also say what was skipped, and why.")
+@input_options
 @node_options
 @click.option("--src", metavar="IP", help="The packet's source address.")
 @click.option("--dst", metavar="IP:PORT", help="The packet's destination address and port.")
@@ -356,6 +404,8 @@ output_option = click.option(
 @_no_traceback
 def explain_command(
     sources: tuple[str, ...],
+    kubeconfig: str | None,
+    master: str | None,
     verbose: int,
     src: str | None,
     dst: str | None,
@@ -389,12 +439,16 @@ def explain_command(
         _fail("give either --dst (with --src) or --service")
     if dst is not None and src is None:
         _fail("--dst needs --src: the source decides the path (hook, masquerade)")
-    if not live and not sources:
-        _fail("explain needs -f MANIFESTS (or --live, to read the rules loaded here)")
+    inputs = Inputs(sources, kubeconfig, master)
+    if not live and not inputs:
+        _fail(
+            "explain needs -f MANIFESTS or --kubeconfig FILE"
+            " (or --live, to read the rules loaded here)"
+        )
     if service_ref is not None and service_ref.count("/") != 1:
         _fail(f"--service {service_ref}: NAMESPACE/NAME")
     node = _node(options)
-    state = _read_inputs(sources, verbose).state if sources else None
+    state = _read_inputs(inputs, node, verbose).state if inputs else None
     plans = build_plans(state, node) if state is not None else None
     index = ex.ServiceIndex(state, node, plans) if state is not None else None
     where = None

@@ -333,9 +333,7 @@ def parse_slice(doc: Field, beta: bool = False) -> EndpointSlice:
         service=ObjectRef(ref.namespace, service),
         family=family,
         ports=tuple(_endpoint_port(p) for p in ports.items()) if ports else (),
-        endpoints=tuple(_endpoint(e, family, beta) for e in endpoints.items())
-        if endpoints
-        else (),
+        endpoints=tuple(_endpoint(e, family, beta) for e in endpoints.items()) if endpoints else (),
     )
 
 

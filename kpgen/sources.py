@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kpgen.fields import printable
 from kpgen.load import MANIFEST_SUFFIXES, InputError, load_documents
 
 log = logging.getLogger("kpgen.sources")
@@ -27,6 +28,12 @@ API_VERSIONS = {SERVICE: "v1", SLICE: "discovery.k8s.io/v1", NODE: "v1"}
 TRIGGER_TIME = "endpoints.kubernetes.io/last-change-trigger-time"
 # kube-proxy's informers leave these services out on the server side.
 SERVICE_SELECTOR = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless"
+
+
+def typed(kind: str, obj: dict[str, Any]) -> dict[str, Any]:
+    """An object of a list with its kind and apiVersion: a list's items carry none, and the
+    parser needs them."""
+    return {**obj, "kind": kind, "apiVersion": API_VERSIONS.get(kind, obj.get("apiVersion"))}
 
 
 def _key(obj: dict[str, Any]) -> tuple[str, str]:
@@ -86,7 +93,7 @@ class Store:
 
     def replace(self, kind: str, objects: list[dict[str, Any]]) -> None:
         """The complete list of ``kind`` (after a list): differences count as changes."""
-        fresh = {_key(o): self._typed(kind, o) for o in objects}
+        fresh = {_key(o): typed(kind, o) for o in objects}
         with self._cond:
             old = self._objects[kind]
             for key in old.keys() | fresh.keys():
@@ -108,18 +115,13 @@ class Store:
                 if objects.pop(key, None) is None:
                     return
             else:
-                typed = self._typed(kind, obj)
-                if objects.get(key) == typed:
+                entry = typed(kind, obj)
+                if objects.get(key) == entry:
                     return
-                objects[key] = typed
+                objects[key] = entry
             self._note(kind, obj, deleted=event == "DELETED")
             self._cond.notify_all()
         self._on_change()
-
-    @staticmethod
-    def _typed(kind: str, obj: dict[str, Any]) -> dict[str, Any]:
-        """List items carry no kind; the parser needs it."""
-        return {**obj, "kind": kind, "apiVersion": API_VERSIONS.get(kind, obj.get("apiVersion"))}
 
     @property
     def synced(self) -> bool:
@@ -197,6 +199,30 @@ class Gone(Exception):
     """The resourceVersion is too old (410): list again."""
 
 
+LIST_PAGE = 500  # items per list request, as client-go's pager asks
+
+
+def list_pages(call: Callable[..., Any]) -> tuple[list[dict[str, Any]], str]:
+    """Every item of a list, a page at a time (``limit`` and ``continue``, as client-go's
+    pager), and the list's resourceVersion. An expired continue token (410) raises
+    ``ApiException``; the caller lists again."""
+    import json
+
+    items: list[dict[str, Any]] = []
+    token: str | None = None
+    while True:
+        paging: dict[str, Any] = {"limit": LIST_PAGE}
+        if token:
+            paging["_continue"] = token
+        response = call(_preload_content=False, _request_timeout=60, **paging)
+        body = json.loads(response.data)
+        items.extend(i for i in body.get("items") or [] if isinstance(i, dict))
+        metadata = body.get("metadata") or {}
+        token = metadata.get("continue")
+        if not token:
+            return items, str(metadata.get("resourceVersion") or "")
+
+
 class Informer(threading.Thread):
     """List, then watch from the list's resourceVersion, for one kind, into the store: relist
     on 410 Gone, resume a dropped stream from the last version seen, back off on errors."""
@@ -224,6 +250,9 @@ class Informer(threading.Thread):
             except Gone:
                 log.info("%s: resourceVersion expired (410 Gone): listing again", self.kind)
             except ApiException as error:
+                if error.status == 410:  # a list's continue token expired
+                    log.info("%s: list expired (410 Gone): listing again", self.kind)
+                    continue
                 self._pause(f"{error.status} {error.reason}")
             except Exception as error:  # a dropped connection, a bad answer: retry later
                 self._pause(f"{type(error).__name__}: {error}")
@@ -234,14 +263,10 @@ class Informer(threading.Thread):
         self.stop.wait(delay)
 
     def _list(self) -> str:
-        import json
-
-        response = self.call(_preload_content=False, _request_timeout=60)
-        body = json.loads(response.data)
-        version = str((body.get("metadata") or {}).get("resourceVersion") or "")
-        self.store.replace(self.kind, [i for i in body.get("items") or [] if isinstance(i, dict)])
+        items, version = list_pages(self.call)
+        self.store.replace(self.kind, items)
         self.backoff.reset()
-        log.debug("%s: listed %d at resourceVersion %s", self.kind, len(body["items"]), version)
+        log.debug("%s: listed %d at resourceVersion %s", self.kind, len(items), version)
         return version
 
     def _watch(self, version: str) -> None:
@@ -292,8 +317,9 @@ class Informer(threading.Thread):
         return str(version) if version else None
 
 
-def api_informers(store: Store, api: Any, node_name: str, stop: threading.Event) -> list[Informer]:
-    """The informers of kpgen run: Services, EndpointSlices and this node."""
+def api_lists(api: Any, node_name: str) -> dict[str, Callable[..., Any]]:
+    """The list calls of kpgen run, by kind: Services (less those kube-proxy leaves alone),
+    EndpointSlices, and this node."""
     from kubernetes import client
 
     core, discovery = client.CoreV1Api(api), client.DiscoveryV1Api(api)
@@ -307,11 +333,35 @@ def api_informers(store: Store, api: Any, node_name: str, stop: threading.Event)
     def node(**kwargs: Any) -> Any:
         return core.list_node(field_selector=f"metadata.name={node_name}", **kwargs)
 
-    return [
-        Informer(store, SERVICE, services, stop),
-        Informer(store, SLICE, slices, stop),
-        Informer(store, NODE, node, stop),
-    ]
+    return {SERVICE: services, SLICE: slices, NODE: node}
+
+
+def api_informers(store: Store, api: Any, node_name: str, stop: threading.Event) -> list[Informer]:
+    """The informers of kpgen run: Services, EndpointSlices and this node."""
+    return [Informer(store, kind, call, stop) for kind, call in api_lists(api, node_name).items()]
+
+
+class ApiListError(Exception):
+    """A list through the API failed: the message names the kind, the server and why."""
+
+
+def list_cluster(api: Any, node_name: str) -> list[dict[str, Any]]:
+    """What ``kpgen run`` would hold once synced, listed once through the same calls: for a
+    dry run against a live cluster (``kpgen render --kubeconfig``)."""
+    from kubernetes.client.exceptions import ApiException
+
+    documents: list[dict[str, Any]] = []
+    for kind, call in api_lists(api, node_name).items():
+        where = f"{kind} list from {api.configuration.host}"
+        try:
+            items, _ = list_pages(call)
+        except ApiException as error:
+            raise ApiListError(f"{where}: {error.status} {error.reason}") from None
+        except Exception as error:  # refused, unreachable, TLS, not JSON
+            first_line = printable(str(error).strip().split("\n")[0])
+            raise ApiListError(f"{where}: {type(error).__name__}: {first_line}") from None
+        documents.extend(typed(kind, item) for item in items)
+    return documents
 
 
 # --- a directory of manifests -----------------------------------------------------------

@@ -46,7 +46,9 @@ def _metadata(draw: st.DrawFn, meta: Doc, index: int, kind: str) -> None:
             "apiVersion": "v1" if kind == "Service" else "discovery.k8s.io/v1",
             "fieldsType": "FieldsV1",
             "fieldsV1": {"f:metadata": {"f:labels": {".": {}}}, "f:spec": {}},
-            "manager": "kubectl-client-side-apply" if kind == "Service" else "kube-controller-manager",
+            "manager": "kubectl-client-side-apply"
+            if kind == "Service"
+            else "kube-controller-manager",
             "operation": "Update",
             "time": "2026-01-01T00:00:00Z",
         }

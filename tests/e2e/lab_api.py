@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+import netsock
 from apiserver import ApiServer
 
 from kpgen.lab import CLUSTER_CIDR, NODE_BY_NAME, POD_PYTHON, Lab
@@ -32,44 +33,12 @@ from kpgen.lab import CLUSTER_CIDR, NODE_BY_NAME, POD_PYTHON, Lab
 MASTER = "k8s-master"
 API_PORT = 6443
 
-# Run by Debian's python3 inside k8s-master's namespace: bind, listen, pass the socket back.
-_LISTEN = """\
-import socket, sys
-parent = socket.socket(fileno=int(sys.argv[1]))
-listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-listener.bind((sys.argv[2], int(sys.argv[3])))
-listener.listen(128)
-socket.send_fds(parent, [b"listening"], [listener.fileno()])
-"""
-
 
 def listen_in(lab: Lab, name: str, address: str, port: int) -> socket.socket:
     """A TCP socket listening on ``address:port`` inside the namespace of ``name``."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    with ours, theirs:
-        helper = lab.popen_in(
-            name,
-            [POD_PYTHON, "-c", _LISTEN, str(theirs.fileno()), address, str(port)],
-            pass_fds=[theirs.fileno()],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        theirs.close()
-        try:
-            _, stderr = helper.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            helper.kill()
-            helper.communicate()
-            raise
-        if helper.returncode != 0:
-            raise RuntimeError(f"listening in {name} failed: {stderr.decode().strip()}")
-        ours.settimeout(5)
-        message, fds, _, _ = socket.recv_fds(ours, 64, 1)
-    if message != b"listening" or len(fds) != 1:
-        raise RuntimeError(f"no socket came back from {name}: {message!r} {fds}")
-    return socket.socket(fileno=fds[0])
+    return netsock.listen_via(
+        lambda argv, **options: lab.popen_in(name, argv, **options), POD_PYTHON, address, port
+    )
 
 
 def master_api_server(lab: Lab, **options: float | int | None) -> ApiServer:
