@@ -13,8 +13,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
 from kpgen.fields import (
     DNS1123_SUBDOMAIN,
     SUBDOMAIN_MAX,
@@ -24,7 +22,7 @@ from kpgen.fields import (
     parse_ip,
     show,
 )
-from kpgen.load import yaml_error
+from kpgen.load import InputError, decode_yaml
 from kpgen.model import IPAddress, IPFamily, IPNetwork
 
 CONFIG_API = ("kubeproxy.config.k8s.io/v1alpha1", "KubeProxyConfiguration")
@@ -128,13 +126,14 @@ def read_config_file(path: str) -> NodeFlags:
     """The node settings of a KubeProxyConfiguration file, as if given as flags."""
     try:
         with open(path, encoding="utf-8") as stream:
-            doc = yaml.load(stream, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+            documents = decode_yaml(stream.read(), path)
     except OSError as error:
         raise ConfigError(f"--config: cannot read {path}: {error.strerror or error}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"--config: cannot read {path}: not UTF-8 text") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"--config: {path} is not valid YAML{yaml_error(error)}") from None
+    except InputError as error:
+        raise ConfigError(f"--config: {error}") from None
+    doc = documents[0] if len(documents) == 1 else documents or None
     root = Field(doc)
     try:
         root.mapping()

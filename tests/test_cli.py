@@ -144,7 +144,7 @@ def test_bad_yaml_in_a_later_file_renders_nothing(tmp_path):
     result = kpgen("-f", str(SEED), "-f", path, *NODE_FLAGS)
     assert result.exit_code == 2
     assert stderr_lines(result) == [
-        f"kpgen: error: {path}: invalid YAML at line 2, column 1: did not find expected ',' or ']'"
+        f"kpgen: error: {path}: invalid YAML at line 1, column 8: unclosed bracket '['"
     ]
     assert result.stdout == ""
 
@@ -179,7 +179,7 @@ def test_config_file_with_bad_yaml_exits_2_with_one_error_line(tmp_path):
     result = kpgen("-f", str(SEED), "--config", config)
     assert result.exit_code == 2
     assert len(stderr_lines(result)) == 1
-    assert result.stderr.startswith(f"kpgen: error: --config: {config} is not valid YAML")
+    assert result.stderr.startswith(f"kpgen: error: --config: {config}: invalid YAML at line 1")
 
 
 # --- bad objects: warned about, the rest renders ------------------------------------------------

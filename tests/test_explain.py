@@ -681,7 +681,7 @@ def test_cli_says_what_it_assumed_without_node_ip() -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--src", GATEWAY, "--dst", f"{NODE_IP}:30001"], "needs -f MANIFESTS or --kubeconfig FILE (or --live"),
+        (["--src", GATEWAY, "--dst", f"{NODE_IP}:30001"], "--kubeconfig FILE (or --live"),
         ([*SEED_ARGS, "--dst", f"{NODE_IP}:30001"], "--dst needs --src"),
         ([*SEED_ARGS, "--src", GATEWAY], "either --dst (with --src) or --service"),
         ([*SEED_ARGS, "--src", GATEWAY, "--dst", NODE_IP], "needs a port 1-65535"),

@@ -149,7 +149,7 @@ def test_bad_yaml_after_good_documents_still_fails_the_whole_file(tmp_path):
         load_documents([path])
     assert (
         str(caught.value)
-        == f"{path}: invalid YAML at line 6, column 2: did not find expected ',' or ']'"
+        == f"{path}: invalid YAML at line 6, column 2: illegal placement of ':' indicator"
     )
 
 
@@ -157,7 +157,8 @@ def test_bad_yaml_on_stdin_is_named_stdin():
     with pytest.raises(InputError) as caught:
         load_documents(["-"], stdin=io.StringIO("a:\n\t- b\n"))
     assert str(caught.value) == (
-        "<stdin>: invalid YAML at line 2, column 1: found character that cannot start any token"
+        "<stdin>: invalid YAML at line 2, column 2:"
+        " tabs disallowed within this context (block indentation)"
     )
 
 
@@ -165,10 +166,7 @@ def test_truncated_json_is_an_input_error_with_a_position(tmp_path):
     path = write(tmp_path / "cut.json", '{"kind": "Service",')
     with pytest.raises(InputError) as caught:
         load_documents([path])
-    assert (
-        str(caught.value)
-        == f"{path}: invalid YAML at line 2, column 1: did not find expected node content"
-    )
+    assert str(caught.value) == f"{path}: invalid YAML at line 1, column 1: unclosed bracket '{{'"
 
 
 def test_non_utf8_file_is_an_input_error_naming_the_file(tmp_path):
@@ -201,3 +199,54 @@ def test_non_utf8_stdin_is_an_input_error():
     with pytest.raises(InputError) as caught:
         load_documents(["-"], stdin=stdin)
     assert str(caught.value) == "cannot read <stdin>: not UTF-8 text"
+
+
+# --- YAML as kubectl and people write it -------------------------------------------------------
+
+
+def test_a_top_level_list_document_is_one_document_not_several(tmp_path):
+    """A stream of two documents and one document holding a list decode differently."""
+    two = load_documents([write(tmp_path / "two.yaml", "kind: A\n---\nkind: B\n")])
+    one = load_documents([write(tmp_path / "one.yaml", "- kind: A\n- kind: B\n")])
+    assert two == [{"kind": "A"}, {"kind": "B"}]
+    assert one == [[{"kind": "A"}, {"kind": "B"}]]
+
+
+def test_document_markers_with_content_end_markers_and_a_byte_order_mark(tmp_path):
+    text = "\ufeff--- {kind: A}\n...\n---\n# only a comment\n---\nkind: B\n"
+    assert load_documents([write(tmp_path / "m.yaml", text)]) == [{"kind": "A"}, {"kind": "B"}]
+
+
+def test_a_marker_like_line_inside_an_indented_block_scalar_is_content(tmp_path):
+    text = "kind: A\ndata: |\n  ---\n  text\n---\nkind: B\n"
+    docs = load_documents([write(tmp_path / "s.yaml", text)])
+    assert docs == [{"kind": "A", "data": "---\ntext\n"}, {"kind": "B"}]
+
+
+def test_merge_keys_are_expanded_and_the_mappings_own_keys_win(tmp_path):
+    text = (
+        "defaults: &port {protocol: UDP, port: 53}\n"
+        "extra: &named {name: dns, port: 5353}\n"
+        "ports:\n"
+        "- <<: *port\n"
+        "  port: 1053\n"
+        "- <<: [*named, *port]\n"
+    )
+    (doc,) = load_documents([write(tmp_path / "merge.yaml", text)])
+    assert doc["ports"] == [
+        {"protocol": "UDP", "port": 1053},
+        {"name": "dns", "port": 5353, "protocol": "UDP"},
+    ]
+
+
+def test_a_duplicate_key_takes_the_last_value_and_timestamps_stay_text(tmp_path):
+    text = "kind: A\nkind: Service\nmetadata: {creationTimestamp: 2024-01-02T03:04:05Z}\n"
+    (doc,) = load_documents([write(tmp_path / "d.yaml", text)])
+    assert doc == {"kind": "Service", "metadata": {"creationTimestamp": "2024-01-02T03:04:05Z"}}
+
+
+def test_an_error_in_a_later_document_counts_lines_from_the_start_of_the_file(tmp_path):
+    text = "kind: A\n---\nkind: B\n---\nkind: [C\n"
+    with pytest.raises(InputError) as caught:
+        load_documents([write(tmp_path / "late.yaml", text)])
+    assert str(caught.value).startswith(f"{tmp_path / 'late.yaml'}: invalid YAML at line 5, ")

@@ -313,7 +313,7 @@ def test_config_file_with_bad_yaml_names_the_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("mode: [iptables\n", encoding="utf-8")
     assert config_error(NodeFlags(hostname="w"), str(path)).startswith(
-        f"--config: {path} is not valid YAML at line 2, column 1: "
+        f"--config: {path}: invalid YAML at line 1, column 7: unclosed bracket '['"
     )
 
 
