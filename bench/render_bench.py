@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import gc
 import hashlib
+import importlib.metadata
 import ipaddress
 import itertools
 import json
@@ -321,8 +322,8 @@ def machine() -> dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "jinja2": jinja2.__version__,
-        "pyyaml": yaml.__version__,
-        "yaml_c_loader": hasattr(yaml, "CSafeLoader"),
+        "yaml_rs": importlib.metadata.version("yaml-rs"),  # what kpgen decodes YAML with
+        "pyyaml": yaml.__version__,  # what this bench writes the YAML file with
         "nft": _first_line(["nft", "--version"]),
         "iptables": _first_line(["iptables", "--version"]),
         "iptables_legacy": _first_line(["iptables-legacy", "--version"]),
@@ -648,7 +649,7 @@ def print_report(report: dict[str, Any]) -> None:
     )
     print(
         f"machine: {m['nproc']} CPUs ({m['cpu']}), kernel {m['kernel']}, Python {m['python']}, "
-        f"jinja2 {m['jinja2']}, PyYAML {m['pyyaml']} (C loader: {m['yaml_c_loader']})"
+        f"jinja2 {m['jinja2']}, yaml-rs {m.get('yaml_rs')} (PyYAML {m['pyyaml']} writes the file)"
     )
     print(f"tools: {m['nft']}; {m['iptables']}; {m['iptables_legacy']}")
     if "stages" in report:
