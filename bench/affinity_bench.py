@@ -21,10 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sync_bench import cluster
 
-from kpgen.node import NodeFlags, ProxyMode, node_config
-from kpgen.parse import parse_documents
-from kpgen.plan import build_plans
-from kpgen.render import render_plan
+from kpgen.core.node import NodeFlags, ProxyMode, node_config
+from kpgen.core.parse import parse_documents
+from kpgen.core.plan import build_plans
+from kpgen.render.text import render_plan
 
 
 def rules(services: int, share: float) -> str:

@@ -21,9 +21,9 @@ from pathlib import Path
 
 from render_bench import machine, node_settings, synthetic_cluster, throwaway_namespace
 
-from kpgen.node import ProxyMode
-from kpgen.parse import parse_documents
-from kpgen.render import render
+from kpgen.core.node import ProxyMode
+from kpgen.core.parse import parse_documents
+from kpgen.render.text import render
 
 # Run inside the namespace: median connect() time in microseconds, after a warm-up.
 PROBE = r"""

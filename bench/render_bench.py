@@ -5,11 +5,12 @@ NodePort, every 10th with an externalIP, one EndpointSlice per Service) is built
 dicts, as decoded manifests would be. Then, each stage timed separately with
 ``time.perf_counter`` (best and median of ``--repeat`` runs):
 
-- parse: :func:`kpgen.parse.parse_documents` (dicts to the typed model);
-- plan: :func:`kpgen.plan.build_plan`;
-- render: :func:`kpgen.render.render_plan` for nftables and iptables;
-- model to text: :func:`kpgen.render.render` (plan + render), the issue's 1 s target;
-- decode: :func:`kpgen.load.load_documents` of the same cluster as a JSON and a YAML file;
+- parse: :func:`kpgen.core.parse.parse_documents` (dicts to the typed model);
+- plan: :func:`kpgen.core.plan.build_plan`;
+- render: :func:`kpgen.render.text.render_plan` for nftables and iptables;
+- model to text: :func:`kpgen.render.text.render` (plan + render), the issue's 1 s target;
+- decode: :func:`kpgen.inputs.manifests.load_documents` of the same cluster as a JSON and a
+  YAML file;
 - end to end: ``kpgen render -f FILE`` as a subprocess (start-up, decode, parse, render, write).
 
 ``--kernel`` also loads the rendered rules into throwaway network namespaces (``ip netns add``,
@@ -50,12 +51,12 @@ from typing import Any, TypeVar
 import jinja2
 import yaml
 
-from kpgen.load import load_documents
-from kpgen.model import ClusterState, IPFamily
-from kpgen.node import NodeConfig, NodeFlags, ProxyMode, node_config
-from kpgen.parse import parse_documents
-from kpgen.plan import build_plan
-from kpgen.render import render, render_plan
+from kpgen.core.model import ClusterState, IPFamily
+from kpgen.core.node import NodeConfig, NodeFlags, ProxyMode, node_config
+from kpgen.core.parse import parse_documents
+from kpgen.core.plan import build_plan
+from kpgen.inputs.manifests import load_documents
+from kpgen.render.text import render, render_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_SECONDS = 1.0  # the target: model to text of 10,000 x 5 under 1 s

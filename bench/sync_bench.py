@@ -71,11 +71,11 @@ def slice_of(i: int, endpoints: int) -> dict[str, Any]:
 def measure(services: int, endpoints: int, changes: int, mode: str) -> dict[str, Any]:
     from apiserver import ApiServer
 
-    from kpgen.apply import RuleLoader
-    from kpgen.controller import Controller, Health, Timing
-    from kpgen.metrics import Metrics
-    from kpgen.node import NodeFlags, ProxyMode, node_config
-    from kpgen.sources import NODE, SERVICE, SLICE, Store, api_client, api_informers
+    from kpgen.controller.metrics import Metrics
+    from kpgen.controller.sync import Controller, Health, Timing
+    from kpgen.core.node import NodeFlags, ProxyMode, node_config
+    from kpgen.dataplane.apply import RuleLoader
+    from kpgen.inputs.api import NODE, SERVICE, SLICE, Store, api_client, api_informers
 
     done: list[tuple[float, int]] = []
     synced = threading.Condition()

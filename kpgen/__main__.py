@@ -1,3 +1,3 @@
-from kpgen.cli import main
+from kpgen.cli.main import main
 
 main(prog_name="kpgen")

@@ -12,7 +12,7 @@ from pathlib import Path
 import kernel
 import pytest
 
-from kpgen.apply import with_context
+from kpgen.dataplane.apply import with_context
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = str(ROOT / "examples" / "seed-cluster.yaml")
@@ -160,8 +160,8 @@ def test_cleanup_removes_everything_of_kpgen_and_nothing_else(ns: str) -> None:
 REJECTED = textwrap.dedent(
     """
     import sys
-    from kpgen.apply import ApplyError, Nftables
-    from kpgen.model import IPFamily
+    from kpgen.dataplane.apply import ApplyError, Nftables
+    from kpgen.core.model import IPFamily
     bad = "table ip kpgen {\\n\\tchain a {\\n\\t\\tjump no-such-chain\\n\\t}\\n}\\n"
     try:
         Nftables(use_binding=sys.argv[1] == "binding").apply({IPFamily.V4: bad})

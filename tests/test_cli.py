@@ -1,4 +1,4 @@
-"""The kpgen command line: kpgen.cli.main through click's CliRunner, and `python -m kpgen`."""
+"""The kpgen command line: kpgen.cli.main.main through click's CliRunner, and `python -m kpgen`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from builders import endpoint, endpoint_slice, manifest, service
 from click.testing import CliRunner
 
-from kpgen.cli import main
+from kpgen.cli.main import main
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = REPO / "examples" / "seed-cluster.yaml"

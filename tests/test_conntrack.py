@@ -1,7 +1,8 @@
-"""kpgen.conntrack: which UDP conntrack entries a sync made stale (a pure function of the plans
-before and after), the conntrack commands that delete them, and, inside throwaway network
-namespaces, that :func:`kpgen.conntrack.delete` removes exactly those entries. The controller's
-use of it: after a successful sync only, and a failure to delete never fails the sync."""
+"""kpgen.dataplane.conntrack: which UDP conntrack entries a sync made stale (a pure function of
+the plans before and after), the conntrack commands that delete them, and, inside throwaway network
+namespaces, that :func:`kpgen.dataplane.conntrack.delete` removes exactly those entries. The
+controller's use of it: after a successful sync only, and a failure to delete never fails the
+sync."""
 
 from __future__ import annotations
 
@@ -17,8 +18,14 @@ import kernel
 import pytest
 from builders import endpoint, endpoint_slice, service
 
-from kpgen.apply import ApplyError
-from kpgen.conntrack import (
+from kpgen.controller.metrics import Metrics
+from kpgen.controller.sync import Controller, Health, Timing
+from kpgen.core.model import IPFamily
+from kpgen.core.node import NodeConfig, ProxyMode
+from kpgen.core.parse import parse_documents
+from kpgen.core.plan import FamilyPlan, build_plans
+from kpgen.dataplane.apply import ApplyError
+from kpgen.dataplane.conntrack import (
     ConntrackError,
     Entry,
     Flow,
@@ -27,14 +34,8 @@ from kpgen.conntrack import (
     resolve,
     stale_udp_flows,
 )
-from kpgen.controller import Controller, Health, Timing
-from kpgen.metrics import Metrics
-from kpgen.model import IPFamily
-from kpgen.node import NodeConfig, ProxyMode
-from kpgen.parse import parse_documents
-from kpgen.plan import FamilyPlan, build_plans
-from kpgen.render import render_plan
-from kpgen.sources import NODE, SERVICE, SLICE, Snapshot, Store
+from kpgen.inputs.api import NODE, SERVICE, SLICE, Snapshot, Store
+from kpgen.render.text import render_plan
 
 ip = ipaddress.ip_address
 V4 = IPFamily.V4
@@ -275,12 +276,13 @@ def test_a_flow_that_keeps_entries_becomes_one_flow_per_stale_reply_source() -> 
 
 # --- in the kernel: delete() removes exactly the stale entries --------------------------------
 
-# Runs kpgen.conntrack.delete in the namespace on the flows given as JSON; prints the count.
+# Runs kpgen.dataplane.conntrack.delete in the namespace on the flows given as JSON; prints the
+# count.
 DELETE_SCRIPT = textwrap.dedent(
     """
     import ipaddress, json, sys
-    from kpgen.conntrack import Flow, Target, delete
-    from kpgen.model import IPFamily
+    from kpgen.dataplane.conntrack import Flow, Target, delete
+    from kpgen.core.model import IPFamily
 
     def flow(spec):
         address = spec.get("address")

@@ -30,14 +30,14 @@ import yaml
 from builders import endpoint, endpoint_slice, service
 from prometheus_client import generate_latest
 
-from kpgen.apply import ApplyError
-from kpgen.controller import Controller, Health, RunSettings, Timing, health_server
-from kpgen.fields import parse_bind_address, parse_duration
-from kpgen.logs import JsonFormatter
-from kpgen.metrics import Metrics
-from kpgen.node import NodeConfig
-from kpgen.plan import FamilyPlan
-from kpgen.sources import NODE, SERVICE, SLICE, TRIGGER_TIME, Backoff, Store
+from kpgen.controller.logs import JsonFormatter
+from kpgen.controller.metrics import Metrics
+from kpgen.controller.sync import Controller, Health, RunSettings, Timing, health_server
+from kpgen.core.fields import parse_bind_address, parse_duration
+from kpgen.core.node import NodeConfig
+from kpgen.core.plan import FamilyPlan
+from kpgen.dataplane.apply import ApplyError
+from kpgen.inputs.api import NODE, SERVICE, SLICE, TRIGGER_TIME, Backoff, Store
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = ROOT / "examples" / "seed-cluster.yaml"
@@ -693,11 +693,11 @@ def test_json_logs_are_one_object_a_line_with_the_sync_fields(
 CONTROLLER_SCRIPT = textwrap.dedent(
     """
     import json, logging, subprocess, sys, threading, time
-    from kpgen.apply import RuleLoader
-    from kpgen.controller import Controller, Health, Timing
-    from kpgen.metrics import Metrics
-    from kpgen.node import NodeFlags, node_config
-    from kpgen.sources import NODE, SERVICE, SLICE, Store
+    from kpgen.dataplane.apply import RuleLoader
+    from kpgen.controller.sync import Controller, Health, Timing
+    from kpgen.controller.metrics import Metrics
+    from kpgen.core.node import NodeFlags, node_config
+    from kpgen.inputs.api import NODE, SERVICE, SLICE, Store
 
     job = json.load(sys.stdin)
     logs = []

@@ -1,5 +1,5 @@
-"""Partial syncs (kpgen.delta): what they write, and that the kernel ends up where a full load
-of the new rules would have put it.
+"""Partial syncs (kpgen.render.delta): what they write, and that the kernel ends up where a full
+load of the new rules would have put it.
 
 The unit tests read the delta text. The kernel tests load full(A) into a throwaway network
 namespace, apply the delta to B there, and compare the result with a second namespace that
@@ -26,12 +26,12 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from test_property import clusters, node_flags
 
-from kpgen.delta import iptables_delta, nft_delta, parse_iptables
-from kpgen.names import ipt_chain
-from kpgen.node import NodeFlags, ProxyMode, node_config
-from kpgen.parse import parse_documents
-from kpgen.plan import FamilyPlan, build_plans
-from kpgen.render import render_plan
+from kpgen.core.names import ipt_chain
+from kpgen.core.node import NodeFlags, ProxyMode, node_config
+from kpgen.core.parse import parse_documents
+from kpgen.core.plan import FamilyPlan, build_plans
+from kpgen.render.delta import iptables_delta, nft_delta, parse_iptables
+from kpgen.render.text import render_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = ROOT / "examples" / "seed-cluster.yaml"
@@ -234,8 +234,8 @@ def run_in(namespace: str, *argv: str, stdin: str | None = None) -> str:
 NFT_STEPS = textwrap.dedent(
     """
     import json, sys
-    from kpgen.apply import Nftables
-    from kpgen.model import IPFamily
+    from kpgen.dataplane.apply import Nftables
+    from kpgen.core.model import IPFamily
     nft = Nftables()
     for kind, text in json.load(sys.stdin):
         if kind == "full":
@@ -428,10 +428,10 @@ def test_iptables_full_a_then_delta_to_b_equals_full_b_in_the_kernel(pair: Pair)
 LOADER_SCRIPT = textwrap.dedent(
     """
     import json, subprocess, sys
-    from kpgen.apply import RuleLoader
-    from kpgen.node import NodeFlags, node_config
-    from kpgen.parse import parse_documents
-    from kpgen.plan import build_plans
+    from kpgen.dataplane.apply import RuleLoader
+    from kpgen.core.node import NodeFlags, node_config
+    from kpgen.core.parse import parse_documents
+    from kpgen.core.plan import build_plans
 
     job = json.load(sys.stdin)
 
@@ -554,7 +554,7 @@ def test_rule_loader_partial_after_a_node_setting_change(mode: ProxyMode, tmp_pa
 
 
 def test_rule_loader_partial_needs_a_full_load_first() -> None:
-    from kpgen.apply import RuleLoader
+    from kpgen.dataplane.apply import RuleLoader
 
     assert RuleLoader(NFT).partial([plan_of(cluster())]) is None
     assert RuleLoader(IPT).partial([plan_of(cluster())]) is None

@@ -4,7 +4,7 @@ kpgen needs at run time.
 
 Nothing here talks to a cluster or builds the image: the manifests and the Containerfile are
 read as data. The RBAC cross-check reads the controller's source (kpgen/watch.py,
-kpgen/controller.py, and every other module of the package) for kubernetes-client calls; it is
+kpgen/controller/sync.py, and every other module of the package) for kubernetes-client calls; it is
 skipped until the controller exists.
 """
 
@@ -26,22 +26,21 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from kpgen.cli import main
-from kpgen.node import NodeFlags, ProxyMode, node_config
+from kpgen.cli.main import main
+from kpgen.core.node import NodeFlags, ProxyMode, node_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 CONTAINERFILE = DEPLOY / "Containerfile"
 IGNORE_FILE = DEPLOY / "Containerfile.dockerignore"
 PACKAGE = ROOT / "kpgen"
-CONTROLLER_MODULES = (PACKAGE / "watch.py", PACKAGE / "controller.py")
 
 NAMESPACE = "kube-system"
 HEALTHZ_PORT = 10256
 METRICS_PORT = 10249
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
 
-# The API calls `kpgen run` makes (kpgen/sources.py): list then watch Services and
+# The API calls `kpgen run` makes (kpgen/inputs/api.py): list then watch Services and
 # EndpointSlices in all namespaces, and its own Node (fieldSelector metadata.name). No get: it
 # reads nothing by name. No events yet: when it records some, add them here and to the ClusterRole
 # (create and patch on events in "" and events.k8s.io).
@@ -604,11 +603,6 @@ def _package_sources() -> Iterator[Path]:
 def test_cluster_role_grants_exactly_what_the_controller_code_calls(
     objects: list[dict[str, Any]],
 ) -> None:
-    if not any(p.exists() for p in CONTROLLER_MODULES):
-        pytest.skip(
-            "no controller yet (kpgen/watch.py, kpgen/controller.py): nothing to cross-check the "
-            "RBAC rules against; they are checked against the documented calls meanwhile"
-        )
     used: set[tuple[str, str, str]] = set()
     for path in _package_sources():
         used |= api_access_in_source(path.read_text(encoding="utf-8"), str(path.relative_to(ROOT)))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from kpgen.cli import main
+from kpgen.cli.main import main
 
 ROOT = Path(__file__).resolve().parent.parent
 

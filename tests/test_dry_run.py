@@ -22,8 +22,8 @@ import yaml
 from apiserver import ApiServer
 from click.testing import CliRunner, Result
 
-from kpgen.cli import main
-from kpgen.sources import LIST_PAGE
+from kpgen.cli.main import main
+from kpgen.inputs.api import LIST_PAGE
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = ROOT / "examples" / "seed-cluster.yaml"

@@ -25,16 +25,16 @@ import pytest
 from click.testing import CliRunner
 from golden.cases import CASES, SEED
 
-from kpgen import explain as ex
-from kpgen.cli import main
-from kpgen.explain_rules import PROTOCOLS, Dnat, Ruleset, parse_nft
-from kpgen.explain_trace import Locality, Packet
-from kpgen.load import load_documents
-from kpgen.model import ClusterState, IPAddress
-from kpgen.node import NodeConfig, NodeFlags, node_config
-from kpgen.parse import parse_documents
-from kpgen.plan import build_plans
-from kpgen.render import render, render_plan
+from kpgen.cli.main import main
+from kpgen.core.model import ClusterState, IPAddress
+from kpgen.core.node import NodeConfig, NodeFlags, node_config
+from kpgen.core.parse import parse_documents
+from kpgen.core.plan import build_plans
+from kpgen.explain import answers as ex
+from kpgen.explain.rules import PROTOCOLS, Dnat, Ruleset, parse_nft
+from kpgen.explain.trace import Locality, Packet
+from kpgen.inputs.manifests import load_documents
+from kpgen.render.text import render, render_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 E2E_DATA = ROOT / "tests" / "e2e" / "data"

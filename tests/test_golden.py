@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from golden.cases import CASES, GOLDEN, SUFFIXES, golden_path
 
-from kpgen.load import load_documents
-from kpgen.node import node_config
-from kpgen.parse import ParseResult, parse_documents
-from kpgen.render import render
+from kpgen.core.node import node_config
+from kpgen.core.parse import ParseResult, parse_documents
+from kpgen.inputs.manifests import load_documents
+from kpgen.render.text import render
 
 MODES = tuple(SUFFIXES)
 CASE_NAMES = sorted(CASES)
@@ -164,7 +164,7 @@ def test_nodeports_and_external_addresses_go_through_masquerading_external_chain
             "ip saddr != @cluster-cidrs jump mark-for-masquerade",
             "! -s 192.168.0.0/16 -j KPGEN-MARK-MASQ",
         ),
-        ("seed-masquerade-all", "\t\tjump mark-for-masquerade", "cluster IP\" -d 10."),
+        ("seed-masquerade-all", "\t\tjump mark-for-masquerade", 'cluster IP" -d 10.'),
         (
             "seed-cluster-cidrs",
             "ip saddr != @cluster-cidrs jump mark-for-masquerade",

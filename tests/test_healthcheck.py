@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from kpgen.healthcheck import ServiceHealthChecks, wanted_checks
-from kpgen.load import load_documents
-from kpgen.model import ObjectRef
-from kpgen.node import NodeFlags, node_config
-from kpgen.parse import parse_documents
-from kpgen.plan import FamilyPlan, build_plans
+from kpgen.controller.healthcheck import ServiceHealthChecks, wanted_checks
+from kpgen.core.model import ObjectRef
+from kpgen.core.node import NodeFlags, node_config
+from kpgen.core.parse import parse_documents
+from kpgen.core.plan import FamilyPlan, build_plans
+from kpgen.inputs.manifests import load_documents
 
 POLICIES = Path(__file__).resolve().parent / "golden" / "cases" / "policies.yaml"
 
@@ -68,7 +68,7 @@ def test_a_node_with_local_endpoints_answers_200_with_their_count(
 ) -> None:
     port = free_port()
     monkeypatch.setattr(
-        "kpgen.healthcheck.wanted_checks",
+        "kpgen.controller.healthcheck.wanted_checks",
         lambda plans: {port: (etp_local(), 2)},
     )
     checks.update(())
@@ -88,7 +88,7 @@ def test_no_local_endpoint_answers_503_and_a_removed_service_stops_answering(
     port = free_port()
     service = etp_local()
     wanted = {port: (service, 0)}
-    monkeypatch.setattr("kpgen.healthcheck.wanted_checks", lambda plans: dict(wanted))
+    monkeypatch.setattr("kpgen.controller.healthcheck.wanted_checks", lambda plans: dict(wanted))
     checks.update(())
     status, body, weight = get(port)
     assert (status, body["localEndpoints"], weight) == (503, 0, "0")
@@ -106,7 +106,9 @@ def test_an_unhealthy_proxy_answers_503_even_with_local_endpoints(
 ) -> None:
     port = free_port()
     service = etp_local()
-    monkeypatch.setattr("kpgen.healthcheck.wanted_checks", lambda plans: {port: (service, 3)})
+    monkeypatch.setattr(
+        "kpgen.controller.healthcheck.wanted_checks", lambda plans: {port: (service, 3)}
+    )
     checks = ServiceHealthChecks(host="127.0.0.1", proxy_healthy=lambda: False)
     try:
         checks.update(())

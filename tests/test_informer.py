@@ -1,4 +1,4 @@
-"""kpgen's informers (kpgen.sources) with the real ``kubernetes`` client against the test API
+"""kpgen's informers (kpgen.inputs.api) with the real ``kubernetes`` client against the test API
 server (tests/apiserver.py), which speaks the real list/watch protocol: the store is synced only
 once every kind has been listed, then mirrors every change; a 410 Gone relists, a dropped stream
 resumes from the last version seen, failures are retried with backoff, bookmarks only move the
@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from apiserver import ApiServer, Request
 
-from kpgen.sources import (
+from kpgen.inputs.api import (
     NODE,
     SERVICE,
     SLICE,

@@ -14,10 +14,10 @@ import kernel
 import pytest
 from golden.cases import CASES, golden_path
 
-from kpgen.load import load_documents
-from kpgen.node import NodeFlags, node_config
-from kpgen.parse import parse_documents
-from kpgen.render import render
+from kpgen.core.node import NodeFlags, node_config
+from kpgen.core.parse import parse_documents
+from kpgen.inputs.manifests import load_documents
+from kpgen.render.text import render
 
 pytestmark = pytest.mark.kernel
 

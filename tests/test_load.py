@@ -1,4 +1,5 @@
-"""kpgen.load.load_documents: files, directories and stdin, YAML or JSON, into API objects."""
+"""kpgen.inputs.manifests.load_documents: files, directories and stdin, YAML or JSON, into API
+objects."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kpgen.load import InputError, load_documents
+from kpgen.inputs.manifests import InputError, load_documents
 
 
 def write(path: Path, text: str) -> str:

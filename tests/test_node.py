@@ -1,4 +1,4 @@
-"""kpgen.node: node settings from flags and a KubeProxyConfiguration file."""
+"""kpgen.core.node: node settings from flags and a KubeProxyConfiguration file."""
 
 from __future__ import annotations
 
@@ -9,8 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from kpgen.model import IPFamily
-from kpgen.node import ConfigError, NodeConfig, NodeFlags, ProxyMode, node_config, read_config_file
+from kpgen.core.model import IPFamily
+from kpgen.core.node import (
+    ConfigError,
+    NodeConfig,
+    NodeFlags,
+    ProxyMode,
+    node_config,
+    read_config_file,
+)
 
 net = ipaddress.ip_network
 

@@ -1,4 +1,5 @@
-"""kpgen.parse.parse_documents: validation, problems, skipped objects and what the model keeps."""
+"""kpgen.core.parse.parse_documents: validation, problems, skipped objects and what the model
+keeps."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections import Counter
 import pytest
 from builders import endpoint, endpoint_slice, service
 
-from kpgen.model import (
+from kpgen.core.model import (
     DEFAULT_AFFINITY_TIMEOUT,
     EndpointConditions,
     IPFamily,
@@ -19,9 +20,9 @@ from kpgen.model import (
     SessionAffinity,
     TrafficPolicy,
 )
-from kpgen.node import NodeConfig
-from kpgen.parse import ParseResult, Skipped, parse_documents
-from kpgen.plan import build_plans
+from kpgen.core.node import NodeConfig
+from kpgen.core.parse import ParseResult, Skipped, parse_documents
+from kpgen.core.plan import build_plans
 
 ip = ipaddress.ip_address
 

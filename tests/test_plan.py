@@ -1,11 +1,11 @@
-"""kpgen.plan.build_plan: joining services to their slices for one family and one node."""
+"""kpgen.core.plan.build_plan: joining services to their slices for one family and one node."""
 
 from __future__ import annotations
 
 import ipaddress
 import random
 
-from kpgen.model import (
+from kpgen.core.model import (
     ClusterState,
     Endpoint,
     EndpointConditions,
@@ -19,8 +19,8 @@ from kpgen.model import (
     ServiceType,
     TrafficPolicy,
 )
-from kpgen.node import NodeConfig
-from kpgen.plan import Backend, FamilyPlan, PortPlan, build_plan
+from kpgen.core.node import NodeConfig
+from kpgen.core.plan import Backend, FamilyPlan, PortPlan, build_plan
 
 ip = ipaddress.ip_address
 TCP, UDP = Protocol.TCP, Protocol.UDP

@@ -19,9 +19,9 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from kpgen.node import NodeFlags, node_config
-from kpgen.parse import parse_documents
-from kpgen.render import render
+from kpgen.core.node import NodeFlags, node_config
+from kpgen.core.parse import parse_documents
+from kpgen.render.text import render
 
 LOWER = "abcdefghijklmnopqrstuvwxyz"
 DIGITS = "0123456789"

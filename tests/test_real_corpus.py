@@ -24,8 +24,8 @@ import kernel
 import pytest
 from click.testing import CliRunner
 
-from kpgen.cli import main
-from kpgen.load import load_documents
+from kpgen.cli.main import main
+from kpgen.inputs.manifests import load_documents
 
 REAL = Path(__file__).resolve().parent / "data" / "real"
 CLUSTERS = sorted(p for p in REAL.iterdir() if p.is_dir() or p.suffix in (".yaml", ".json"))

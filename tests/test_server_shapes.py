@@ -20,8 +20,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from test_property import QUICK, Cluster, clusters, node_flags, render_mode
 
-from kpgen.node import NodeFlags
-from kpgen.parse import parse_documents
+from kpgen.core.node import NodeFlags
+from kpgen.core.parse import parse_documents
 
 Doc = dict[str, Any]
 # omitempty fields a server leaves out, or a client that decodes into typed objects and back

@@ -45,7 +45,7 @@ import pytest
 import yaml
 from kubernetes.client import ApiClient
 
-from kpgen.node import NodeFlags, ProxyMode, node_config
+from kpgen.core.node import NodeFlags, ProxyMode, node_config
 
 ROOT = Path(__file__).resolve().parent.parent
 LAB = ROOT / "vagrant"

@@ -1,4 +1,4 @@
-"""End-to-end fixtures: the seed article's cluster in network namespaces (kpgen/lab.py), with
+"""End-to-end fixtures: the seed article's cluster in network namespaces (kpgen/lab/lab.py), with
 kpgen's rules loaded on both workers, once per proxy mode.
 
 The lab of a test run has its namespaces' names prefixed with ``e2e<pid>-``, so that it never
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from kpgen.lab import MODES, SEED, WORKERS, Lab
+from kpgen.lab.lab import MODES, SEED, WORKERS, Lab
 
 E2E = Path(__file__).resolve().parent
 if str(E2E) not in sys.path:

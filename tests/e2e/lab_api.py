@@ -28,7 +28,7 @@ from pathlib import Path
 import netsock
 from apiserver import ApiServer
 
-from kpgen.lab import CLUSTER_CIDR, NODE_BY_NAME, POD_PYTHON, Lab
+from kpgen.lab.lab import CLUSTER_CIDR, NODE_BY_NAME, POD_PYTHON, Lab
 
 MASTER = "k8s-master"
 API_PORT = 6443

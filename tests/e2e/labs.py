@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import re
 
-from kpgen import lab as lab_module
-from kpgen.lab import Lab
+from kpgen.lab import lab as lab_module
+from kpgen.lab.lab import Lab
 
 _STATE_NAME = re.compile(r"^e2e(\d+)[a-z]*$")  # a test lab's state directory, by its run's pid
 

@@ -1,10 +1,10 @@
 """Re-apply kpgen's rules in this network namespace, back to back, for a number of seconds.
 
-Each round is the kernel transaction ``kpgen apply`` makes (kpgen/apply.py): in nftables mode
-``Nftables.apply`` (one nft transaction that replaces the ``kpgen`` table), in iptables mode
-``Iptables.apply`` (one ``iptables-restore --noflush``). The rules are the same every round, so
-a correct applier changes nothing a packet can see. Run inside a lab node by the venv's python;
-prints how many rounds it made.
+Each round is the kernel transaction ``kpgen apply`` makes (kpgen/dataplane/apply.py): in
+nftables mode ``Nftables.apply`` (one nft transaction that replaces the ``kpgen`` table), in
+iptables mode ``Iptables.apply`` (one ``iptables-restore --noflush``). The rules are the same
+every round, so a correct applier changes nothing a packet can see. Run inside a lab node by the
+venv's python; prints how many rounds it made.
 
     reapply.py SECONDS MODE HOSTNAME MANIFEST...
 """
@@ -14,12 +14,12 @@ from __future__ import annotations
 import sys
 import time
 
-from kpgen.apply import Iptables, Nftables, detect_iptables_variant
-from kpgen.load import load_documents
-from kpgen.node import NodeFlags, ProxyMode, node_config
-from kpgen.parse import parse_documents
-from kpgen.plan import build_plans
-from kpgen.render import render_plan
+from kpgen.core.node import NodeFlags, ProxyMode, node_config
+from kpgen.core.parse import parse_documents
+from kpgen.core.plan import build_plans
+from kpgen.dataplane.apply import Iptables, Nftables, detect_iptables_variant
+from kpgen.inputs.manifests import load_documents
+from kpgen.render.text import render_plan
 
 
 def main() -> None:

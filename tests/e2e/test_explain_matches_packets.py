@@ -23,8 +23,8 @@ import pytest
 from click.testing import CliRunner
 from traffic import DATA, Tally, curl, requests
 
-from kpgen.cli import main
-from kpgen.lab import CLUSTER_CIDR, MODES, NODE_BY_NAME, SEED, SEED_PODS, WORKERS, Lab
+from kpgen.cli.main import main
+from kpgen.lab.lab import CLUSTER_CIDR, MODES, NODE_BY_NAME, SEED, SEED_PODS, WORKERS, Lab
 
 POLICIES = [SEED, DATA / "policies-services.yaml", DATA / "policies-terminating.yaml"]
 

@@ -1,4 +1,4 @@
-"""Bringing the namespace lab up and down (kpgen/lab.py): it removes everything it made, also
+"""Bringing the namespace lab up and down (kpgen/lab/lab.py): it removes everything it made, also
 after a failed ``up``, and never touches a namespace it did not make."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from kpgen import lab as lab_module
-from kpgen.cli import main
-from kpgen.lab import Lab, LabError
+from kpgen.cli.main import main
+from kpgen.lab import lab as lab_module
+from kpgen.lab.lab import Lab, LabError
 
 pytestmark = [pytest.mark.kernel, pytest.mark.e2e]
 

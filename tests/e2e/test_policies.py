@@ -1,5 +1,5 @@
 """Traffic policies, terminating endpoints, loadBalancerSourceRanges and topology hints, with
-real packets through the seed article's cluster (kpgen/lab.py), in each proxy mode.
+real packets through the seed article's cluster (kpgen/lab/lab.py), in each proxy mode.
 
     gateway 10.20.30.1 ──┬── k8s-worker01 10.20.30.11 (zone-a) ── pod1 192.168.69.246, test-pod .200
                          ├── k8s-worker02 10.20.30.12 (zone-b) ── pod2 192.168.79.106
@@ -20,7 +20,7 @@ import labs
 import pytest
 from traffic import DATA, curl, requests
 
-from kpgen.lab import (
+from kpgen.lab.lab import (
     CLUSTER_CIDR,
     EXTERNAL_IP,
     MODES,

@@ -1,5 +1,5 @@
 """``kpgen run`` against an API server, with real packets through the seed article's cluster
-(kpgen/lab.py), in each proxy mode.
+(kpgen/lab/lab.py), in each proxy mode.
 
     gateway 10.20.30.1 ──┬── k8s-worker01 10.20.30.11  kpgen run ── pod1 192.168.69.246
                          ├── k8s-worker02 10.20.30.12  kpgen run ── pod2 192.168.79.106
@@ -28,8 +28,8 @@ from apiserver import ApiServer
 from lab_api import KpgenRun, master_api_server
 from traffic import BackgroundRequests, Tally, curl, requests
 
-from kpgen.lab import MODES, SEED, WORKERS, Lab
-from kpgen.load import load_documents
+from kpgen.inputs.manifests import load_documents
+from kpgen.lab.lab import MODES, SEED, WORKERS, Lab
 
 pytestmark = [pytest.mark.kernel, pytest.mark.e2e]
 

@@ -1,4 +1,4 @@
-"""Real packets through the seed article's cluster (kpgen/lab.py), with kpgen's rules loaded
+"""Real packets through the seed article's cluster (kpgen/lab/lab.py), with kpgen's rules loaded
 by ``kpgen apply`` on both workers, in each proxy mode.
 
     gateway 10.20.30.1 ──┬── k8s-worker01 10.20.30.11 ── pod1 192.168.69.246, test-pod .200
@@ -15,7 +15,7 @@ import sys
 import pytest
 from traffic import DATA, E2E, REAPPLY, BackgroundRequests, curl, requests, whoami_until
 
-from kpgen.lab import EXTERNAL_IP, NODE_BY_NAME, SEED, SEED_PODS, WORKERS, Lab, demo
+from kpgen.lab.lab import EXTERNAL_IP, NODE_BY_NAME, SEED, SEED_PODS, WORKERS, Lab, demo
 
 pytestmark = [pytest.mark.kernel, pytest.mark.e2e]
 
@@ -24,6 +24,8 @@ NODE_IP = {name: node.address for name, node in NODE_BY_NAME.items()}
 NODE_PORT = 30001
 NODE_PORT_SERVICE = "http://10.101.179.255:8080"  # the node-port service's ClusterIP
 BOTH_PODS = {"pod1", "pod2"}
+
+
 @pytest.mark.parametrize("worker", WORKERS)
 def test_nodeport_on_either_worker_reaches_both_pods_masqueraded_to_that_worker(
     lab: Lab, worker: str

@@ -1,5 +1,5 @@
 """Stale UDP conntrack entries, with real datagrams through the seed article's cluster
-(kpgen/lab.py), in each proxy mode.
+(kpgen/lab/lab.py), in each proxy mode.
 
     test-pod 192.168.69.200 ── k8s-worker01 (kpgen run --source manifests:DIR) ── pod1
                                      └── k8s-worker02 ── pod2
@@ -32,8 +32,8 @@ import labs
 import pytest
 from lab_api import kpgen_run_argv
 
-from kpgen import lab as lab_module
-from kpgen.lab import MODES, POD_PYTHON, Lab
+from kpgen.lab import lab as lab_module
+from kpgen.lab.lab import MODES, POD_PYTHON, Lab
 
 pytestmark = [pytest.mark.kernel, pytest.mark.e2e]
 

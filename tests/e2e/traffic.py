@@ -9,7 +9,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from kpgen.lab import POD_PYTHON, Lab
+from kpgen.lab.lab import POD_PYTHON, Lab
 
 E2E = Path(__file__).resolve().parent
 DATA = E2E / "data"

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from kpgen.node import NodeFlags
+from kpgen.core.node import NodeFlags
 
 GOLDEN = Path(__file__).resolve().parent
 INPUTS = GOLDEN / "cases"

@@ -1,4 +1,4 @@
-"""Decoded API objects in, a validated :class:`~kpgen.model.ClusterState` out.
+"""Decoded API objects in, a validated :class:`~kpgen.core.model.ClusterState` out.
 
 This is the edge where untrusted data becomes typed values. A bad object is reported as a
 :class:`Problem` (``namespace/name: field: problem``) and left out; everything else goes on.
@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kpgen.fields import (
+from kpgen.core.fields import (
     DNS1035_LABEL,
     DNS1123_SUBDOMAIN,
     SUBDOMAIN_MAX,
@@ -21,7 +21,7 @@ from kpgen.fields import (
     Invalid,
     printable,
 )
-from kpgen.model import (
+from kpgen.core.model import (
     DEFAULT_AFFINITY_TIMEOUT,
     SERVICE_NAME_LABEL,
     SERVICE_PROXY_NAME_LABEL,

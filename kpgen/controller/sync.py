@@ -3,9 +3,9 @@
 The loop writes nothing until every kind has been listed once (an empty view would
 black-hole the node), then syncs when something changed, no more often than
 ``min_sync_period``, with a full sync at least every ``sync_period``. A sync is partial when it
-can be (only the service ports that changed are rewritten, kpgen.delta) and writes nothing when
-the rules are the same. A failed sync leaves the previous rules, is counted, and makes the next
-sync a full one, after a backoff.
+can be (only the service ports that changed are rewritten, kpgen.render.delta) and writes
+nothing when the rules are the same. A failed sync leaves the previous rules, is counted, and
+makes the next sync a full one, after a backoff.
 """
 
 from __future__ import annotations
@@ -24,17 +24,17 @@ from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from kpgen import conntrack
-from kpgen.apply import ApplyError, RuleLoader
-from kpgen.fields import parse_bind_address, parse_duration
-from kpgen.healthcheck import ServiceHealthChecks
-from kpgen.metrics import Metrics
-from kpgen.node import NodeConfig
-from kpgen.parse import ParseCache
-from kpgen.plan import FamilyPlan, build_plans
-from kpgen.sources import Backoff, Snapshot, Store
+from kpgen.controller.healthcheck import ServiceHealthChecks
+from kpgen.controller.metrics import Metrics
+from kpgen.core.fields import parse_bind_address, parse_duration
+from kpgen.core.node import NodeConfig
+from kpgen.core.parse import ParseCache
+from kpgen.core.plan import FamilyPlan, build_plans
+from kpgen.dataplane import conntrack
+from kpgen.dataplane.apply import ApplyError, RuleLoader
+from kpgen.inputs.api import Backoff, Snapshot, Store
 
-log = logging.getLogger("kpgen.controller")
+log = logging.getLogger("kpgen.controller")  # the log name users filter on, kept
 
 
 @dataclass(frozen=True)
@@ -208,8 +208,8 @@ class Controller:
         )
 
     def _delete_stale_udp_entries(self, plans: Sequence[FamilyPlan]) -> None:
-        """After a successful sync: the UDP conntrack entries it made stale (kpgen.conntrack).
-        A failure is logged; the sync stays a success."""
+        """After a successful sync: the UDP conntrack entries it made stale
+        (kpgen.dataplane.conntrack). A failure is logged; the sync stays a success."""
         previous, self.synced_plans = self.synced_plans, plans
         if self.delete_flows is None:
             return
@@ -340,7 +340,7 @@ def run(node: NodeConfig, settings: RunSettings) -> int:
     status."""
     from prometheus_client import start_http_server
 
-    from kpgen.sources import NODE, SERVICE, SLICE, ManifestWatcher, api_client, api_informers
+    from kpgen.inputs.api import NODE, SERVICE, SLICE, ManifestWatcher, api_client, api_informers
 
     stop = threading.Event()
     metrics = Metrics(node.mode.value)

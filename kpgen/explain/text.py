@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from kpgen.explain import (
+from kpgen.explain.answers import (
     Explanation,
     Outcome,
     PathStep,
@@ -17,7 +17,7 @@ from kpgen.explain import (
     Status,
     outcome_line,
 )
-from kpgen.explain_trace import percent
+from kpgen.explain.trace import percent
 
 WIDTH = 80
 Style = Callable[..., str]

@@ -15,15 +15,15 @@ from typing import Any, TypeVar
 
 import click
 
-from kpgen.apply import ApplyError, apply_plans, cleanup
-from kpgen.lab import lab_group
-from kpgen.load import InputError, load_documents
-from kpgen.logs import setup_logging
-from kpgen.model import IPFamily
-from kpgen.node import PRIMARY, ConfigError, NodeConfig, NodeFlags, ProxyMode, node_config
-from kpgen.parse import ParseResult, parse_documents
-from kpgen.plan import build_plans
-from kpgen.render import render
+from kpgen.controller.logs import setup_logging
+from kpgen.core.model import IPFamily
+from kpgen.core.node import PRIMARY, ConfigError, NodeConfig, NodeFlags, ProxyMode, node_config
+from kpgen.core.parse import ParseResult, parse_documents
+from kpgen.core.plan import build_plans
+from kpgen.dataplane.apply import ApplyError, apply_plans, cleanup
+from kpgen.inputs.manifests import InputError, load_documents
+from kpgen.lab.lab import lab_group
+from kpgen.render.text import render
 
 F = TypeVar("F", bound=Callable[..., Any])
 EXIT_INPUT = 2
@@ -153,7 +153,7 @@ class Inputs:
     def documents(self, node: NodeConfig) -> list[Any]:
         if not self.kubeconfig:
             return load_documents(list(self.sources))
-        from kpgen.sources import ApiListError, api_client, list_cluster
+        from kpgen.inputs.api import ApiListError, api_client, list_cluster
 
         try:
             api = api_client(self.kubeconfig, self.master)
@@ -349,7 +349,7 @@ def run_command(verbose: int, log_format: str, **options: Any) -> None:
     often than --min-sync-period), partially where possible. On SIGTERM kpgen exits and
     leaves the rules in place; `kpgen cleanup` removes them.
     """
-    from kpgen.controller import RunSettings, run
+    from kpgen.controller.sync import RunSettings, run
 
     run_flags = {name: options.pop(name) for name in RunSettings.FLAGS}
     node = _node(options)
@@ -432,8 +432,8 @@ def explain_command(
       kpgen explain -f examples/seed-cluster.yaml --service default/node-port ...
       kpgen explain --live --src 192.168.69.200 --dst 10.101.179.255:8080
     """
-    from kpgen import explain as ex
-    from kpgen import explain_text
+    from kpgen.explain import answers as ex
+    from kpgen.explain import text as explain_text
 
     if (dst is None) == (service_ref is None):
         _fail("give either --dst (with --src) or --service")
@@ -502,8 +502,8 @@ def status_command(healthz_address: str, iptables_backend: str, output: str) -> 
     and /healthz of `kpgen run` (healthy, last sync). Exits 1 if no rules are loaded or the
     health endpoint does not say healthy.
     """
-    from kpgen import explain as ex
-    from kpgen import explain_text
+    from kpgen.explain import answers as ex
+    from kpgen.explain import text as explain_text
 
     state = ex.status(healthz_address, iptables_backend)
     if output == "json":

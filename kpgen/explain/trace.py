@@ -19,7 +19,7 @@ import itertools
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
-from kpgen.explain_rules import (
+from kpgen.explain.rules import (
     PROTOCOL_NAMES,
     Chain,
     Chance,

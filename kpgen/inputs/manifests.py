@@ -1,6 +1,6 @@
 """Reading manifests: files, directories and standard input, YAML or JSON, into API objects.
 
-This module only reads and decodes; what the objects mean is :mod:`kpgen.parse`'s business.
+This module only reads and decodes; what the objects mean is :mod:`kpgen.core.parse`'s business.
 List kinds are unwrapped, both ``kind: List`` (what ``kubectl get -o yaml`` prints) and the
 API's own ``ServiceList``/``EndpointSliceList``, whose items carry no kind of their own.
 """

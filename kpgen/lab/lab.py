@@ -38,6 +38,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,8 @@ NET_NS = "kpgen-lab-net"  # holds the node network's bridge
 BRIDGE = "br0"
 HTTP_PORT = 80
 MODES = ("nftables", "iptables")
-SEED = Path(__file__).resolve().parent.parent / "examples" / "seed-cluster.yaml"
+# package data, so that an installed kpgen has it (examples/seed-cluster.yaml links here)
+SEED = Path(str(files("kpgen.lab").joinpath("seed-cluster.yaml")))
 STATE_ROOT = Path("/run/kpgen-lab")
 ETC_NETNS = Path("/etc/netns")
 # present while /etc/netns is there because a lab made it (labs may come and go in any order)

@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from kpgen.model import IPAddress, IPNetwork
+from kpgen.core.model import IPAddress, IPNetwork
 
 # RFC 1123 label (namespaces, port names) and RFC 1035 label (service names), as the API
 # validates them. Only names that pass these ever reach rule text.

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 
-from kpgen.model import (
+from kpgen.core.model import (
     ClusterState,
     Endpoint,
     EndpointSlice,
@@ -27,7 +27,7 @@ from kpgen.model import (
     SessionAffinity,
     TrafficPolicy,
 )
-from kpgen.node import NodeConfig
+from kpgen.core.node import NodeConfig
 
 
 @dataclass(frozen=True, order=True)

@@ -14,10 +14,10 @@ from importlib.resources import files
 
 import jinja2
 
-from kpgen import names
-from kpgen.model import ClusterState, IPAddress, IPFamily
-from kpgen.node import NodeConfig, ProxyMode
-from kpgen.plan import FamilyPlan, build_plans
+from kpgen.core import names
+from kpgen.core.model import ClusterState, IPAddress, IPFamily
+from kpgen.core.node import NodeConfig, ProxyMode
+from kpgen.core.plan import FamilyPlan, build_plans
 
 TEMPLATES = {ProxyMode.NFTABLES: "nftables.nft.j2", ProxyMode.IPTABLES: "iptables.rules.j2"}
 
@@ -106,7 +106,7 @@ def render_plan(
     For iptables, ``insert_jumps`` are the jumps from built-in chains to insert (all of them
     for a fresh ruleset; an applier passes only the missing ones) and ``delete_chains`` the
     stale chains of ours, per table, to flush and delete. Chain names must be validated by
-    the caller (:func:`kpgen.names.is_ipt_chain`).
+    the caller (:func:`kpgen.core.names.is_ipt_chain`).
     """
     template = _environment().get_template(TEMPLATES[mode])
     return template.render(plan=plan, insert_jumps=insert_jumps, delete_chains=delete_chains or {})

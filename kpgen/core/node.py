@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kpgen.fields import (
+from kpgen.core.fields import (
     DNS1123_SUBDOMAIN,
     SUBDOMAIN_MAX,
     Field,
@@ -22,8 +22,8 @@ from kpgen.fields import (
     parse_ip,
     show,
 )
-from kpgen.load import InputError, decode_yaml
-from kpgen.model import IPAddress, IPFamily, IPNetwork
+from kpgen.core.model import IPAddress, IPFamily, IPNetwork
+from kpgen.inputs.manifests import InputError, decode_yaml
 
 CONFIG_API = ("kubeproxy.config.k8s.io/v1alpha1", "KubeProxyConfiguration")
 PRIMARY = "primary"

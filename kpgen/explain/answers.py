@@ -1,9 +1,9 @@
 """``kpgen explain`` and ``kpgen status``: what the node's rules do with a packet, and what is
 loaded.
 
-The answer comes from walking the rules (kpgen/explain_trace.py) as they are written: the very
+The answer comes from walking the rules (kpgen/explain/trace.py) as they are written: the very
 text ``kpgen apply`` loads, rendered from the manifests, or, with ``--live``, what the kernel
-lists back (kpgen/explain_rules.py reads both spellings). It is never re-derived from the
+lists back (kpgen/explain/rules.py reads both spellings). It is never re-derived from the
 cluster model, so a wrong rule shows up as a wrong answer. The manifests, when given, only put
 names on what the rules do: which service port, ClusterIP or externalIP or LoadBalancer IP,
 which traffic policy.
@@ -26,7 +26,10 @@ from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
 from typing import Any
 
-from kpgen.explain_rules import (
+from kpgen.core.model import ClusterState, IPFamily, Service
+from kpgen.core.node import NodeConfig, ProxyMode
+from kpgen.core.plan import FamilyPlan, PortPlan, build_plans
+from kpgen.explain.rules import (
     PROTOCOLS,
     Element,
     ElementSet,
@@ -38,11 +41,8 @@ from kpgen.explain_rules import (
     parse_nft,
     read_iptables_line,
 )
-from kpgen.explain_trace import LOOPBACK, Hop, Locality, Packet, Tracer, Walk, percent
-from kpgen.model import ClusterState, IPFamily, Service
-from kpgen.node import NodeConfig, ProxyMode
-from kpgen.plan import FamilyPlan, PortPlan, build_plans
-from kpgen.render import render_plan
+from kpgen.explain.trace import LOOPBACK, Hop, Locality, Packet, Tracer, Walk, percent
+from kpgen.render.text import render_plan
 
 IPv4Address = ipaddress.IPv4Address
 IPv4Network = ipaddress.IPv4Network
@@ -111,7 +111,7 @@ def loaded_rules(mode: str | None = None, iptables_backend: str = "auto") -> lis
     exist)."""
     found = []
     if mode in (None, ProxyMode.NFTABLES.value):
-        from kpgen.apply import ApplyError, Nftables
+        from kpgen.dataplane.apply import ApplyError, Nftables
 
         try:
             nft = Nftables()

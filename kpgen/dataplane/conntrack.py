@@ -31,8 +31,8 @@ import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from kpgen.model import IPAddress, IPFamily, Protocol
-from kpgen.plan import FamilyPlan
+from kpgen.core.model import IPAddress, IPFamily, Protocol
+from kpgen.core.plan import FamilyPlan
 
 TIMEOUT = 30.0
 _CONNTRACK_FAMILY = {IPFamily.V4: "ipv4", IPFamily.V6: "ipv6"}

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kpgen.fields import printable
-from kpgen.load import MANIFEST_SUFFIXES, InputError, load_documents
+from kpgen.core.fields import printable
+from kpgen.inputs.manifests import MANIFEST_SUFFIXES, InputError, load_documents
 
-log = logging.getLogger("kpgen.sources")
+log = logging.getLogger("kpgen.sources")  # the log name users filter on, kept
 
 SERVICE, SLICE, NODE = "Service", "EndpointSlice", "Node"
 API_VERSIONS = {SERVICE: "v1", SLICE: "discovery.k8s.io/v1", NODE: "v1"}

@@ -19,12 +19,12 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from kpgen.delta import iptables_delta, nft_delta
-from kpgen.model import IPFamily
-from kpgen.names import AFFINITY_PREFIX, IPT_PREFIX, NFT_TABLE, is_ipt_chain
-from kpgen.node import ProxyMode
-from kpgen.plan import FamilyPlan
-from kpgen.render import IPTABLES_JUMPS, IptablesJump, render_plan
+from kpgen.core.model import IPFamily
+from kpgen.core.names import AFFINITY_PREFIX, IPT_PREFIX, NFT_TABLE, is_ipt_chain
+from kpgen.core.node import ProxyMode
+from kpgen.core.plan import FamilyPlan
+from kpgen.render.delta import iptables_delta, nft_delta
+from kpgen.render.text import IPTABLES_JUMPS, IptablesJump, render_plan
 
 IPTABLES_VARIANTS = ("nft", "legacy")
 IPTABLES_TABLES = ("nat", "filter")
@@ -335,7 +335,7 @@ def apply_plans(
 
 class RuleLoader:
     """Loads a node's rules again and again, as the controller does: it keeps what it loaded
-    last, so that the next load can be partial (only what changed, kpgen.delta)."""
+    last, so that the next load can be partial (only what changed, kpgen.render.delta)."""
 
     def __init__(self, mode: ProxyMode, iptables_variant: str = "auto") -> None:
         self.mode = mode

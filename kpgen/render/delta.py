@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from kpgen.names import NFT_TABLE
+from kpgen.core.names import NFT_TABLE
 
 # nftables chains that belong to one service port, as templates/nftables.nft.j2 names them.
 NFT_SERVICE_CHAIN = re.compile(r"^(service|local|external|firewall)-")

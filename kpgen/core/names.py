@@ -13,7 +13,7 @@ import functools
 import hashlib
 import re
 
-from kpgen.plan import Backend, PortPlan
+from kpgen.core.plan import Backend, PortPlan
 
 NFT_TABLE = "kpgen"
 AFFINITY_PREFIX = "affinity-"

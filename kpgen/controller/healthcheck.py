@@ -15,10 +15,10 @@ from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from kpgen.model import ObjectRef
-from kpgen.plan import FamilyPlan
+from kpgen.core.model import ObjectRef
+from kpgen.core.plan import FamilyPlan
 
-log = logging.getLogger("kpgen.healthcheck")
+log = logging.getLogger("kpgen.healthcheck")  # the log name users filter on, kept
 
 
 def wanted_checks(plans: Sequence[FamilyPlan]) -> dict[int, tuple[ObjectRef, int]]:

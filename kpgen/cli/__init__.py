@@ -1,0 +1,1 @@
+"""The ``kpgen`` command line (``main``)."""
