@@ -12,7 +12,7 @@ from pathlib import Path
 import kernel
 import pytest
 
-from kpgen.dataplane.apply import with_context
+from kpgen.dataplane.kernel import with_context
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = str(ROOT / "examples" / "seed-cluster.yaml")

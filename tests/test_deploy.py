@@ -27,7 +27,8 @@ import yaml
 from click.testing import CliRunner
 
 from kpgen.cli.main import main
-from kpgen.core.node import NodeFlags, ProxyMode, node_config
+from kpgen.core.node import NodeFlags, ProxyMode
+from kpgen.inputs.config import node_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -372,7 +373,7 @@ def test_configuration_is_accepted_by_kpgens_config_reader(
 ) -> None:
     path = tmp_path / "config.yaml"
     path.write_text(_config_text(objects, container, pod), encoding="utf-8")
-    node = node_config(NodeFlags(hostname="node-a"), str(path))
+    node = node_settings(NodeFlags(hostname="node-a"), str(path))
     assert node.hostname == "node-a"
     assert node.mode is ProxyMode.NFTABLES
     assert node.cluster_cidrs, "clusterCIDR is set (a placeholder the user changes)"

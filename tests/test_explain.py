@@ -54,7 +54,7 @@ def _state(*paths: Path) -> ClusterState:
 
 
 def _node(mode: str, flags: NodeFlags = SEED_FLAGS) -> NodeConfig:
-    return node_config(replace(flags, mode=mode), None)
+    return node_config(replace(flags, mode=mode))
 
 
 def _explain(

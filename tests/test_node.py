@@ -10,14 +10,8 @@ from pathlib import Path
 import pytest
 
 from kpgen.core.model import IPFamily
-from kpgen.core.node import (
-    ConfigError,
-    NodeConfig,
-    NodeFlags,
-    ProxyMode,
-    node_config,
-    read_config_file,
-)
+from kpgen.core.node import ConfigError, NodeConfig, NodeFlags, ProxyMode, node_config
+from kpgen.inputs.config import node_settings, read_config_file
 
 net = ipaddress.ip_network
 
@@ -33,7 +27,7 @@ def config_file(tmp_path: Path, body: str, *, kind: str = "KubeProxyConfiguratio
 
 def config_error(flags: NodeFlags, path: str | None = None) -> str:
     with pytest.raises(ConfigError) as caught:
-        node_config(flags, path)
+        node_settings(flags, path)
     return str(caught.value)
 
 
@@ -54,7 +48,7 @@ nftables:
 
 def test_defaults_are_nftables_and_the_lower_cased_host_name(monkeypatch):
     monkeypatch.setattr(socket, "gethostname", lambda: "Build-Host")
-    assert node_config(NodeFlags()) == NodeConfig(
+    assert node_settings(NodeFlags()) == NodeConfig(
         hostname="build-host",
         mode=ProxyMode.NFTABLES,
         cluster_cidrs=(),
@@ -237,7 +231,7 @@ def test_config_file_gives_mode_hostname_cluster_cidrs_nodeport_addresses_and_ma
 
 
 def test_node_config_from_a_file_alone(tmp_path):
-    node = node_config(NodeFlags(), config_file(tmp_path, FULL_FILE))
+    node = node_settings(NodeFlags(), config_file(tmp_path, FULL_FILE))
     assert node == NodeConfig(
         hostname="worker-01",
         mode=ProxyMode.IPTABLES,
@@ -252,18 +246,18 @@ def test_nftables_masquerade_all_applies_when_the_mode_is_nftables_or_absent(tmp
         tmp_path, "nftables:\n  masqueradeAll: true\niptables:\n  masqueradeAll: false\n"
     )
     assert read_config_file(path).masquerade_all_by_mode == {"iptables": False, "nftables": True}
-    assert node_config(NodeFlags(hostname="w"), path).masquerade_all is True
+    assert node_settings(NodeFlags(hostname="w"), path).masquerade_all is True
 
 
 def test_iptables_masquerade_all_does_not_apply_in_nftables_mode(tmp_path):
     path = config_file(tmp_path, "mode: nftables\niptables:\n  masqueradeAll: true\n")
     assert read_config_file(path).masquerade_all_by_mode == {"iptables": True}
-    assert node_config(NodeFlags(hostname="w"), path).masquerade_all is False
+    assert node_settings(NodeFlags(hostname="w"), path).masquerade_all is False
 
 
 def test_flags_override_the_file(tmp_path):
     path = config_file(tmp_path, FULL_FILE)
-    node = node_config(
+    node = node_settings(
         NodeFlags(
             mode="nftables",
             hostname="Flag-Host",
@@ -281,14 +275,14 @@ def test_flags_override_the_file(tmp_path):
 
 
 def test_file_values_stay_where_no_flag_is_given(tmp_path):
-    node = node_config(NodeFlags(hostname="flag-host"), config_file(tmp_path, FULL_FILE))
+    node = node_settings(NodeFlags(hostname="flag-host"), config_file(tmp_path, FULL_FILE))
     assert node.hostname == "flag-host"
     assert node.mode is ProxyMode.IPTABLES
     assert node.cluster_cidrs == (net("10.244.0.0/16"), net("fd00:10:244::/56"))
 
 
 def test_masquerade_all_flag_false_overrides_the_file(tmp_path):
-    node = node_config(
+    node = node_settings(
         NodeFlags(hostname="w", masquerade_all=False), config_file(tmp_path, FULL_FILE)
     )
     assert node.masquerade_all is False
@@ -352,4 +346,4 @@ def test_masquerade_all_follows_the_section_of_the_mode_given_by_flag(tmp_path):
         tmp_path,
         "mode: iptables\niptables:\n  masqueradeAll: true\nnftables:\n  masqueradeAll: false\n",
     )
-    assert node_config(NodeFlags(hostname="w", mode="nftables"), path).masquerade_all is False
+    assert node_settings(NodeFlags(hostname="w", mode="nftables"), path).masquerade_all is False

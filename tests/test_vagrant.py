@@ -45,7 +45,8 @@ import pytest
 import yaml
 from kubernetes.client import ApiClient
 
-from kpgen.core.node import NodeFlags, ProxyMode, node_config
+from kpgen.core.node import NodeFlags, ProxyMode
+from kpgen.inputs.config import node_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 LAB = ROOT / "vagrant"
@@ -852,7 +853,7 @@ def test_kpgen_gets_the_api_servers_real_address_and_the_pod_cidr(
     path = tmp_path / "config.yaml"
     (config_map,) = [d for d in _docs(result.stdout) if d["kind"] == "ConfigMap"]
     path.write_text(config_map["data"]["config.yaml"])
-    node = node_config(NodeFlags(hostname="k8s-worker01"), str(path))
+    node = node_settings(NodeFlags(hostname="k8s-worker01"), str(path))
     assert node.mode is ProxyMode(settings["kpgen"]["mode"])
     assert [str(c) for c in node.cluster_cidrs] == [settings["kubernetes"]["pod_cidr"]]
 

@@ -17,10 +17,11 @@ import click
 
 from kpgen.controller.logs import setup_logging
 from kpgen.core.model import IPFamily
-from kpgen.core.node import PRIMARY, ConfigError, NodeConfig, NodeFlags, ProxyMode, node_config
+from kpgen.core.node import PRIMARY, ConfigError, NodeConfig, NodeFlags, ProxyMode
 from kpgen.core.parse import ParseResult, parse_documents
 from kpgen.core.plan import build_plans
 from kpgen.dataplane.apply import ApplyError, apply_plans, cleanup
+from kpgen.inputs.config import node_settings
 from kpgen.inputs.manifests import InputError, load_documents
 from kpgen.lab.lab import lab_group
 from kpgen.render.text import render
@@ -198,7 +199,7 @@ def _node(options: dict[str, Any]) -> NodeConfig:
         service_cidrs=options["service_cidr"],
     )
     try:
-        return node_config(flags, options["config_file"])
+        return node_settings(flags, options["config_file"])
     except ConfigError as error:
         _fail(str(error))
         raise  # unreachable: _fail exits
@@ -283,7 +284,7 @@ def apply_command(
     node = _node(options)
     result = _read_inputs(inputs, node, verbose)
     try:
-        summary = apply_plans(
+        applied = apply_plans(
             build_plans(result.state, node),
             node.mode,
             check=check,
@@ -292,7 +293,7 @@ def apply_command(
     except ApplyError as error:
         click.echo(f"kpgen: the rules were not loaded: {error}", err=True)
         sys.exit(1)
-    click.echo(f"kpgen: {summary}", err=True)
+    click.echo(f"kpgen: {applied.summary}", err=True)
 
 
 @main.command("cleanup")

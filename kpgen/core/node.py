@@ -1,14 +1,14 @@
-"""The node's settings, under kube-proxy's names, from flags and a KubeProxyConfiguration file.
+"""The node's settings, under kube-proxy's names, from flags and a KubeProxyConfiguration.
 
 :func:`node_config` validates every value into a typed :class:`NodeConfig`; a bad value raises
-:class:`ConfigError` naming the flag or the config field. Flags override the file.
+:class:`ConfigError` naming the flag or the config field. Flags override the file's values.
+Values only: reading the file and asking the host its name is kpgen.inputs.config's business.
 """
 
 from __future__ import annotations
 
 import enum
 import ipaddress
-import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +23,6 @@ from kpgen.core.fields import (
     show,
 )
 from kpgen.core.model import IPAddress, IPFamily, IPNetwork
-from kpgen.inputs.manifests import InputError, decode_yaml
 
 CONFIG_API = ("kubeproxy.config.k8s.io/v1alpha1", "KubeProxyConfiguration")
 PRIMARY = "primary"
@@ -122,18 +121,9 @@ def _split(values: Sequence[str]) -> list[str]:
     return [part.strip() for value in values for part in value.split(",") if part.strip()]
 
 
-def read_config_file(path: str) -> NodeFlags:
-    """The node settings of a KubeProxyConfiguration file, as if given as flags."""
-    try:
-        with open(path, encoding="utf-8") as stream:
-            documents = decode_yaml(stream.read(), path)
-    except OSError as error:
-        raise ConfigError(f"--config: cannot read {path}: {error.strerror or error}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"--config: cannot read {path}: not UTF-8 text") from None
-    except InputError as error:
-        raise ConfigError(f"--config: {error}") from None
-    doc = documents[0] if len(documents) == 1 else documents or None
+def config_flags(doc: Any, source: str) -> NodeFlags:
+    """The node settings of a decoded KubeProxyConfiguration, as if given as flags; ``source``
+    names it in messages (``--config: FILE``)."""
     root = Field(doc)
     try:
         root.mapping()
@@ -160,20 +150,27 @@ def read_config_file(path: str) -> NodeFlags:
             masquerade_all_by_mode=by_mode,
         )
     except Invalid as error:
-        raise ConfigError(f"--config: {path}: {error}") from None
+        raise ConfigError(f"{source}: {error}") from None
 
 
-def node_config(flags: NodeFlags, config_file: str | None = None) -> NodeConfig:
-    """Validate the node settings; flags override the config file's values. A bad value is
-    reported under the flag, or the file and field, it came from."""
-    base = read_config_file(config_file) if config_file else NodeFlags()
+def node_config(
+    flags: NodeFlags,
+    *,
+    base: NodeFlags | None = None,
+    base_source: str = "--config",
+    host_name: str | None = None,
+) -> NodeConfig:
+    """Validate the node settings; ``flags`` override ``base`` (a config file's values, read
+    from ``base_source``). The node's name defaults to ``host_name``. A bad value is reported
+    under the flag, or the file and field, it came from."""
+    base = base or NodeFlags()
 
     def pick(name: str) -> tuple[Any, str]:
         flag, config_field = SETTING_NAMES[name]
         given = getattr(flags, name)
         if given not in (None, (), []):
             return given, flag
-        return getattr(base, name), f"--config: {config_file}: {config_field}"
+        return getattr(base, name), f"{base_source}: {config_field}"
 
     mode_name, where = pick("mode")
     try:
@@ -181,7 +178,9 @@ def node_config(flags: NodeFlags, config_file: str | None = None) -> NodeConfig:
     except ValueError:
         raise ConfigError(f"{where}: {show(mode_name)} is not nftables or iptables") from None
     hostname, where = pick("hostname")
-    hostname = (hostname or socket.gethostname()).strip().lower()
+    hostname = (hostname or host_name or "").strip().lower()
+    if not hostname:
+        raise ConfigError("--hostname-override: this node's name is needed")
     try:
         Field(hostname, where).name(DNS1123_SUBDOMAIN, SUBDOMAIN_MAX)
     except Invalid as error:

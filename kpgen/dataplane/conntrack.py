@@ -24,24 +24,22 @@ a flow keeps some of them (``conntrack -D`` cannot say "except"). Every argument
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
-import shutil
 import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from kpgen.core.model import IPAddress, IPFamily, Protocol
 from kpgen.core.plan import FamilyPlan
+from kpgen.dataplane.run import DataplaneError, ToolError, run
 
-TIMEOUT = 30.0
 _CONNTRACK_FAMILY = {IPFamily.V4: "ipv4", IPFamily.V6: "ipv6"}
 _NOTHING_DELETED = re.compile(r"\b0 flow entries have been deleted")
 _DELETED = re.compile(r"\b(\d+) flow entries have been deleted")
 _FIELD = re.compile(r"\b(src|dst|sport|dport)=(\S+)")
 
 
-class ConntrackError(Exception):
+class ConntrackError(DataplaneError):
     """The conntrack tool failed; the message says which deletion and why."""
 
 
@@ -231,19 +229,11 @@ def resolve(flows: Iterable[Flow], entries: Iterable[Entry]) -> list[Flow]:
 # --- the conntrack tool -----------------------------------------------------------------------
 
 
-def _tool() -> str:
-    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
-    found = shutil.which("conntrack", path=search)
-    if found is None:
-        raise ConntrackError("conntrack is not installed (Debian: apt-get install conntrack)")
-    return found
-
-
 def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
     try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT, check=False)
-    except (OSError, subprocess.SubprocessError) as error:
-        raise ConntrackError(f"{' '.join(argv)}: {error}") from None
+        return run(argv)
+    except ToolError as error:
+        raise ConntrackError(str(error)) from None
 
 
 def parse_entries(text: str, family: IPFamily) -> list[Entry]:
@@ -271,16 +261,16 @@ def parse_entries(text: str, family: IPFamily) -> list[Entry]:
 
 def list_udp(family: IPFamily) -> list[Entry]:
     """The UDP conntrack entries of ``family`` in the current network namespace."""
-    result = _run([_tool(), "-L", "-f", _CONNTRACK_FAMILY[family], "-p", "udp"])
+    result = _run(["conntrack", "-L", "-f", _CONNTRACK_FAMILY[family], "-p", "udp"])
     if result.returncode != 0:
         raise ConntrackError(f"conntrack -L failed: {result.stderr.strip()}")
     return parse_entries(result.stdout, family)
 
 
-def _delete_one(tool: str, flow: Flow) -> int:
+def _delete_one(flow: Flow) -> int:
     """``conntrack -D`` of one flow: how many entries it deleted ("0 flow entries have been
     deleted" exits 1, and is no failure)."""
-    result = _run([tool, *flow.argv()])
+    result = _run(["conntrack", *flow.argv()])
     message = result.stderr.strip()
     if result.returncode != 0 and not _NOTHING_DELETED.search(message):
         raise ConntrackError(f"deleting UDP entries to {flow}: {message}")
@@ -293,7 +283,6 @@ def delete(flows: Sequence[Flow]) -> int:
     deleted. Every flow is tried; failures are raised together afterwards as ConntrackError."""
     if not flows:
         return 0
-    tool = _tool()
     failures: list[str] = []
     direct = [f for f in flows if not f.keep]
     kept = [f for f in flows if f.keep]
@@ -308,7 +297,7 @@ def delete(flows: Sequence[Flow]) -> int:
     deleted = 0
     for flow in dict.fromkeys(direct):
         try:
-            deleted += _delete_one(tool, flow)
+            deleted += _delete_one(flow)
         except ConntrackError as error:
             failures.append(str(error))
     if failures:

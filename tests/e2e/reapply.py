@@ -25,7 +25,7 @@ from kpgen.render.text import render_plan
 def main() -> None:
     seconds, mode, hostname, *manifests = sys.argv[1:]
     flags = NodeFlags(mode=mode, hostname=hostname, cluster_cidrs=("192.168.0.0/16",))
-    node = node_config(flags, None)
+    node = node_config(flags)
     (plan,) = build_plans(parse_documents(load_documents(manifests)).state, node)
     if node.mode is ProxyMode.NFTABLES:
         nft, tables = Nftables(), {plan.family: render_plan(plan, node.mode)}

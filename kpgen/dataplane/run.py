@@ -1,0 +1,111 @@
+"""Running the node's tools (nft, iptables-restore, conntrack, ip): one place, one set of rules.
+
+- One PATH rule: the caller's ``PATH``, then the sbin directories where Debian puts netfilter
+  tools (a user's shell often lacks ``/usr/sbin``).
+- A timeout on every call: a stuck ``iptables-restore`` (a held xtables lock, a wedged kernel)
+  must not hang ``kpgen run`` forever. On timeout the tool and everything it started are
+  killed, and :class:`ToolError` says so.
+- Errors that name the command and carry its standard error, on one line where it has one.
+
+The only module of kpgen that starts processes (tests/test_layout.py checks it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Sequence
+from typing import Any
+
+SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+# Seconds. A load: iptables-nft-restore is the slowest loader (0.9 s at 2,000 services and
+# growing faster than linearly, docs/performance.md); nft -f loads 10,000 services in 1.7 s.
+LOAD_TIMEOUT = 300.0
+QUERY_TIMEOUT = 30.0  # a listing, a single check, a conntrack deletion
+
+
+class DataplaneError(Exception):
+    """A tool or the kernel refused, was missing or hung; what was loaded before stays."""
+
+
+class ToolError(DataplaneError):
+    """A tool could not be run, timed out, or (with ``check``) failed."""
+
+
+def search_path() -> str:
+    """Where tools are looked up: PATH, then the sbin directories."""
+    parts = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p]
+    return os.pathsep.join([*parts, *(d for d in SBIN if d not in parts)])
+
+
+def which(name: str) -> str | None:
+    """The full path of tool ``name``, or None when it is not installed."""
+    return shutil.which(name, path=search_path())
+
+
+def tool(name: str) -> str:
+    """The full path of tool ``name``; :class:`ToolError` when it is not installed."""
+    found = which(name)
+    if found is None:
+        raise ToolError(f"{name} is not installed (make setup installs it)")
+    return found
+
+
+def _describe(argv: Sequence[str]) -> str:
+    return " ".join([os.path.basename(argv[0]), *argv[1:]])
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    input: str | None = None,
+    timeout: float = QUERY_TIMEOUT,
+    check: bool = False,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` (its first word looked up with :func:`tool`) and wait, at most
+    ``timeout`` seconds. A missing tool or a timeout is a :class:`ToolError`; so is a failure
+    with ``check``."""
+    command = [tool(argv[0]), *argv[1:]]
+    try:
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # its own process group: a timeout kills all of it
+        )
+    except OSError as error:
+        raise ToolError(f"{_describe(argv)}: {error.strerror or error}") from None
+    try:
+        stdout, stderr = process.communicate(input, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(process)
+        raise ToolError(f"{_describe(argv)}: no answer within {timeout:g} s (killed)") from None
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    if check and result.returncode != 0:
+        raise ToolError(failure(argv, result))
+    return result
+
+
+def failure(argv: Sequence[str], result: subprocess.CompletedProcess[str]) -> str:
+    """``<command>: <its standard error>`` (or its exit status when it said nothing)."""
+    said = result.stderr.strip() or f"exit status {result.returncode}"
+    return f"{_describe(argv)}: {said}"
+
+
+def _kill_group(process: subprocess.Popen[str]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.communicate()
+
+
+def spawn(argv: Sequence[str], **options: Any) -> subprocess.Popen[Any]:
+    """Start ``argv`` without waiting (the lab's servers and nodes); the caller owns it."""
+    try:
+        return subprocess.Popen([tool(argv[0]), *argv[1:]], **options)
+    except OSError as error:
+        raise ToolError(f"{_describe(argv)}: {error.strerror or error}") from None
