@@ -6,6 +6,7 @@ import os
 import time
 from pathlib import Path
 
+import kernel
 import pytest
 
 from kpgen.dataplane.run import ToolError, run, spawn, which
@@ -76,3 +77,15 @@ def test_spawn_finds_the_tool_by_the_same_rule_and_does_not_wait() -> None:
     assert process.wait(timeout=5) == 0
     with pytest.raises(ToolError):
         spawn(["kpgen-no-such-tool"])
+
+
+@kernel.kernel
+def test_a_tool_runs_inside_the_named_network_namespace_by_the_same_rules() -> None:
+    with kernel.netns() as ns:
+        links = run(["ip", "-o", "link", "show"], netns=ns, check=True).stdout
+        assert [line.split(":")[1].strip() for line in links.splitlines()] == ["lo"]
+        with pytest.raises(ToolError) as caught:
+            run(["sh", "-c", "echo inside >&2; exit 1"], netns=ns, check=True)
+        assert str(caught.value) == f"ip netns exec {ns} sh -c echo inside >&2; exit 1: inside"
+        process = spawn(["true"], netns=ns)
+        assert process.wait(timeout=10) == 0

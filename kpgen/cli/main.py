@@ -23,7 +23,7 @@ from kpgen.core.plan import build_plans
 from kpgen.dataplane.apply import ApplyError, apply_plans, cleanup
 from kpgen.inputs.config import node_settings
 from kpgen.inputs.manifests import InputError, load_documents
-from kpgen.lab.lab import lab_group
+from kpgen.lab.cli import lab_group
 from kpgen.render.text import render
 
 F = TypeVar("F", bound=Callable[..., Any])

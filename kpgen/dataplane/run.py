@@ -6,6 +6,8 @@
   must not hang ``kpgen run`` forever. On timeout the tool and everything it started are
   killed, and :class:`ToolError` says so.
 - Errors that name the command and carry its standard error, on one line where it has one.
+- ``netns=NAME`` runs a tool inside a named network namespace (``ip netns exec``), by the same
+  rules (the lab's machines and pods, kpgen/lab/).
 
 The only module of kpgen that starts processes (tests/test_layout.py checks it).
 """
@@ -25,6 +27,10 @@ SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 # growing faster than linearly, docs/performance.md); nft -f loads 10,000 services in 1.7 s.
 LOAD_TIMEOUT = 300.0
 QUERY_TIMEOUT = 30.0  # a listing, a single check, a conntrack deletion
+# for the callers of run and spawn, who need not import subprocess for these
+DEVNULL, PIPE, STDOUT = subprocess.DEVNULL, subprocess.PIPE, subprocess.STDOUT
+Completed = subprocess.CompletedProcess  # what run returns
+Started = subprocess.Popen  # what spawn returns
 
 
 class DataplaneError(Exception):
@@ -58,17 +64,31 @@ def _describe(argv: Sequence[str]) -> str:
     return " ".join([os.path.basename(argv[0]), *argv[1:]])
 
 
+def _in_netns(argv: Sequence[str], netns: str | None) -> list[str]:
+    """``argv`` as it names itself in errors: with the ``ip netns exec`` that runs it."""
+    return list(argv) if netns is None else ["ip", "netns", "exec", netns, *argv]
+
+
+def _command(argv: Sequence[str], netns: str | None) -> list[str]:
+    """What to start: ``argv`` with its tool's full path, inside ``netns`` when given
+    (``ip netns exec`` execs the tool: the PID is the tool's own)."""
+    command = [tool(argv[0]), *argv[1:]]
+    return command if netns is None else [tool("ip"), "netns", "exec", netns, *command]
+
+
 def run(
     argv: Sequence[str],
     *,
     input: str | None = None,
     timeout: float = QUERY_TIMEOUT,
     check: bool = False,
+    netns: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``argv`` (its first word looked up with :func:`tool`) and wait, at most
-    ``timeout`` seconds. A missing tool or a timeout is a :class:`ToolError`; so is a failure
-    with ``check``."""
-    command = [tool(argv[0]), *argv[1:]]
+    ``timeout`` seconds; inside the named network namespace ``netns`` when given. A missing
+    tool or a timeout is a :class:`ToolError`; so is a failure with ``check``."""
+    command = _command(argv, netns)
+    named = _in_netns(argv, netns)
     try:
         process = subprocess.Popen(
             command,
@@ -79,15 +99,15 @@ def run(
             start_new_session=True,  # its own process group: a timeout kills all of it
         )
     except OSError as error:
-        raise ToolError(f"{_describe(argv)}: {error.strerror or error}") from None
+        raise ToolError(f"{_describe(named)}: {error.strerror or error}") from None
     try:
         stdout, stderr = process.communicate(input, timeout=timeout)
     except subprocess.TimeoutExpired:
         _kill_group(process)
-        raise ToolError(f"{_describe(argv)}: no answer within {timeout:g} s (killed)") from None
+        raise ToolError(f"{_describe(named)}: no answer within {timeout:g} s (killed)") from None
     result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     if check and result.returncode != 0:
-        raise ToolError(failure(argv, result))
+        raise ToolError(failure(named, result))
     return result
 
 
@@ -103,9 +123,14 @@ def _kill_group(process: subprocess.Popen[str]) -> None:
     process.communicate()
 
 
-def spawn(argv: Sequence[str], **options: Any) -> subprocess.Popen[Any]:
-    """Start ``argv`` without waiting (the lab's servers and nodes); the caller owns it."""
+def spawn(
+    argv: Sequence[str], *, netns: str | None = None, **options: Any
+) -> subprocess.Popen[Any]:
+    """Start ``argv`` without waiting (the lab's servers and nodes), inside the named network
+    namespace ``netns`` when given; ``options`` are :class:`subprocess.Popen`'s. The caller
+    owns the process."""
+    command = _command(argv, netns)
     try:
-        return subprocess.Popen([tool(argv[0]), *argv[1:]], **options)
+        return subprocess.Popen(command, **options)
     except OSError as error:
-        raise ToolError(f"{_describe(argv)}: {error.strerror or error}") from None
+        raise ToolError(f"{_describe(_in_netns(argv, netns))}: {error.strerror or error}") from None

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from kpgen.lab.lab import MODES, SEED, WORKERS, Lab
+from kpgen.lab.lab import MODES, Lab
+from kpgen.lab.topology import SEED, WORKERS
 
 E2E = Path(__file__).resolve().parent
 if str(E2E) not in sys.path:

@@ -28,7 +28,9 @@ from pathlib import Path
 import netsock
 from apiserver import ApiServer
 
-from kpgen.lab.lab import CLUSTER_CIDR, NODE_BY_NAME, POD_PYTHON, Lab
+from kpgen.lab.lab import Lab
+from kpgen.lab.podserver import POD_PYTHON
+from kpgen.lab.topology import CLUSTER_CIDR, NODE_BY_NAME
 
 MASTER = "k8s-master"
 API_PORT = 6443

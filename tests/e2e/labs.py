@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import re
 
-from kpgen.lab import lab as lab_module
 from kpgen.lab.lab import Lab
+from kpgen.lab.state import STATE_ROOT, start_time
 
 _STATE_NAME = re.compile(r"^e2e(\d+)[a-z]*$")  # a test lab's state directory, by its run's pid
 
@@ -32,10 +32,10 @@ def namespaces(starting: str = "") -> list[str]:
 def remove_labs_of_dead_runs() -> None:
     """Labs whose test run was killed before it could bring them down."""
     try:
-        names = os.listdir(lab_module.STATE_ROOT)
+        names = os.listdir(STATE_ROOT)
     except FileNotFoundError:
         return
     for name in names:
         match = _STATE_NAME.match(name)
-        if match and lab_module.start_time(int(match.group(1))) is None:
+        if match and start_time(int(match.group(1))) is None:
             Lab(f"{name}-").down()

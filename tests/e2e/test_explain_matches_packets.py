@@ -24,7 +24,8 @@ from click.testing import CliRunner
 from traffic import DATA, Tally, curl, requests
 
 from kpgen.cli.main import main
-from kpgen.lab.lab import CLUSTER_CIDR, MODES, NODE_BY_NAME, SEED, SEED_PODS, WORKERS, Lab
+from kpgen.lab.lab import MODES, Lab
+from kpgen.lab.topology import CLUSTER_CIDR, NODE_BY_NAME, SEED, SEED_PODS, WORKERS
 
 POLICIES = [SEED, DATA / "policies-services.yaml", DATA / "policies-terminating.yaml"]
 

@@ -20,15 +20,14 @@ import labs
 import pytest
 from traffic import DATA, curl, requests
 
-from kpgen.lab.lab import (
+from kpgen.lab.lab import MODES, Lab
+from kpgen.lab.topology import (
     CLUSTER_CIDR,
     EXTERNAL_IP,
-    MODES,
     NODE_BY_NAME,
     SEED,
     SEED_PODS,
     WORKERS,
-    Lab,
 )
 
 pytestmark = [pytest.mark.kernel, pytest.mark.e2e]

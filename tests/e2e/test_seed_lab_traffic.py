@@ -15,7 +15,9 @@ import sys
 import pytest
 from traffic import DATA, E2E, REAPPLY, BackgroundRequests, curl, requests, whoami_until
 
-from kpgen.lab.lab import EXTERNAL_IP, NODE_BY_NAME, SEED, SEED_PODS, WORKERS, Lab, demo
+from kpgen.lab.demo import demo
+from kpgen.lab.lab import Lab
+from kpgen.lab.topology import EXTERNAL_IP, NODE_BY_NAME, SEED, SEED_PODS, WORKERS
 
 pytestmark = [pytest.mark.kernel, pytest.mark.e2e]
 

@@ -32,8 +32,9 @@ import labs
 import pytest
 from lab_api import kpgen_run_argv
 
-from kpgen.lab import lab as lab_module
-from kpgen.lab.lab import MODES, POD_PYTHON, Lab
+from kpgen.lab.lab import MODES, Lab
+from kpgen.lab.podserver import POD_PYTHON
+from kpgen.lab.topology import SEED_PODS
 
 pytestmark = [pytest.mark.kernel, pytest.mark.e2e]
 
@@ -293,7 +294,7 @@ def assert_follows(client: UdpClient, changed: float, old: str, new: str) -> Non
     assert {r.pod for r in later[first:]} == {new}, summary(results)
     assert all(r.pod in (old, "timeout", "refused") for r in later[:first]), summary(results)
     answer = later[-1].answer.split()
-    assert answer[1] == lab_module.SEED_PODS[2].address, answer  # not masqueraded: a pod
+    assert answer[1] == SEED_PODS[2].address, answer  # not masqueraded: a pod
 
 
 # --- the tests ----------------------------------------------------------------------------------

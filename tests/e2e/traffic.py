@@ -9,7 +9,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from kpgen.lab.lab import POD_PYTHON, Lab
+from kpgen.lab.lab import Lab
+from kpgen.lab.podserver import POD_PYTHON
 
 E2E = Path(__file__).resolve().parent
 DATA = E2E / "data"
