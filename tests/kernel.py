@@ -150,3 +150,29 @@ def iptables_save(namespace: str) -> str:
     if result.returncode != 0:
         raise RuntimeError(f"iptables-save failed: {result.stderr.strip()}")
     return result.stdout
+
+
+# kpgen's jumps from the built-in iptables chains (table, chain, kpgen's chain): one of each.
+KPGEN_JUMPS = (
+    ("nat", "PREROUTING", "KPGEN-SERVICES"),
+    ("nat", "OUTPUT", "KPGEN-SERVICES"),
+    ("nat", "POSTROUTING", "KPGEN-POSTROUTING"),
+    ("filter", "INPUT", "KPGEN-EXTERNAL-SERVICES"),
+    ("filter", "FORWARD", "KPGEN-SERVICES"),
+    ("filter", "FORWARD", "KPGEN-EXTERNAL-SERVICES"),
+    ("filter", "OUTPUT", "KPGEN-SERVICES"),
+)
+
+
+def jump_counts(saved: str) -> dict[tuple[str, str, str], int]:
+    """How many times iptables-save output ``saved`` holds each of :data:`KPGEN_JUMPS`."""
+    tables = {section.split("\n", 1)[0]: section for section in saved.split("\n*")[1:]}
+    if saved.startswith("*"):
+        first = saved[1:].split("\n", 1)[0]
+        tables.setdefault(first, saved.split("\nCOMMIT", 1)[0])
+    counts = {}
+    for table, chain, target in KPGEN_JUMPS:
+        lines = tables.get(table, "").splitlines()
+        jumps = [ln for ln in lines if ln.startswith(f"-A {chain} ")]
+        counts[(table, chain, target)] = sum(ln.endswith(f"-j {target}") for ln in jumps)
+    return counts
