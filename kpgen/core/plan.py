@@ -9,6 +9,7 @@ nftables or iptables syntax, so the two backends cannot disagree about behaviour
 
 from __future__ import annotations
 
+import ipaddress
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -249,12 +250,17 @@ def build_plan(state: ClusterState, node: NodeConfig, family: IPFamily) -> Famil
             slices_of[endpoint_slice.service].append(endpoint_slice)
     node_object = state.node(node.hostname)
     zone = node_object.zone if node_object else None
+    # the node's own addresses: --node-ip, and those its Node object lists
+    node_addresses = (*node.node_ips, *(node_object.addresses if node_object else ()))
     ports = []
     for service in state.services:
         cluster_ip = service.cluster_ip(family)
         if cluster_ip is None:
             continue
-        ports.extend(_port_plans(service, cluster_ip, slices_of[service.ref], node, zone, family))
+        ranges = _source_ranges(service, family, node_addresses)
+        ports.extend(
+            _port_plans(service, cluster_ip, slices_of[service.ref], node, zone, family, ranges)
+        )
     return FamilyPlan(
         family=family,
         ports=tuple(sorted(ports, key=lambda p: (p.service, p.port.protocol.value, p.port.port))),
@@ -266,6 +272,21 @@ def build_plan(state: ClusterState, node: NodeConfig, family: IPFamily) -> Famil
     )
 
 
+def _source_ranges(
+    service: Service, family: IPFamily, node_addresses: tuple[IPAddress, ...]
+) -> tuple[IPNetwork, ...]:
+    """The sources a service's load-balancer firewall lets through: its
+    ``loadBalancerSourceRanges``, and, when one of them holds an address of this node, the
+    service's own LB IPs as well. A load balancer that is VIP-like (its address also local to
+    the node, or routed back to it) loops the node's own requests back with the LB IP as their
+    source; kube-proxy lets those through in that case, and so does kpgen."""
+    ranges = tuple(r for r in service.load_balancer_source_ranges if IPFamily.of(r) is family)
+    if not any(a in r for r in ranges for a in node_addresses if IPFamily.of(a) is family):
+        return ranges
+    own = _family_addresses(service.load_balancer_ips, family)
+    return (*ranges, *(ipaddress.ip_network(a) for a in own))
+
+
 def _port_plans(
     service: Service,
     cluster_ip: IPAddress,
@@ -273,6 +294,7 @@ def _port_plans(
     node: NodeConfig,
     zone: str | None,
     family: IPFamily,
+    source_ranges: tuple[IPNetwork, ...],
 ) -> list[PortPlan]:
     plans = []
     for port in service.ports:
@@ -288,9 +310,7 @@ def _port_plans(
                 local_endpoints=local,
                 internal_local=service.internal_traffic_policy is TrafficPolicy.LOCAL,
                 external_local=service.external_traffic_policy is TrafficPolicy.LOCAL,
-                source_ranges=tuple(
-                    r for r in service.load_balancer_source_ranges if IPFamily.of(r) is family
-                ),
+                source_ranges=source_ranges,
                 health_check_node_port=service.health_check_node_port,
                 affinity_timeout=service.affinity_timeout
                 if service.session_affinity is SessionAffinity.CLIENT_IP

@@ -52,6 +52,8 @@ TERMINATING_IP = ("10.96.100.5", 8080)
 LB_IP = "10.20.30.21"  # source-ranges: loadBalancerSourceRanges [10.20.30.1/32]
 LB_PORT = 8080
 LB_NODE_PORT = 30106
+# source-ranges-node: its LB IPs 10.20.30.22 and .23, ranges [10.20.30.11/32] (k8s-worker01)
+NODE_LB_IP, NODE_LB_OTHER_IP = "10.20.30.22", "10.20.30.23"
 TOPOLOGY = ("10.96.100.7", 8080)  # pod1 hinted for zone-a, pod2 for zone-b
 TOPOLOGY_PARTIAL = ("10.96.100.8", 8080)  # pod1 hinted for zone-a, pod2 without hints
 
@@ -200,6 +202,40 @@ def test_lb_source_ranges_admit_only_listed_sources_to_the_lb_ip_but_not_the_nod
         # namespaces, routes and all, in any case)
         for client in routed:
             lab.exec_in(client, ["ip", "route", "del", f"{LB_IP}/32", "via", worker01])
+
+
+def test_a_node_in_the_source_ranges_lets_its_lb_ips_through_as_sources(lab: Lab) -> None:
+    # A VIP-like load balancer loops the node's own request to an LB IP back with an LB IP as
+    # the source. k8s-master plays that load balancer: it holds the service's other LB IP
+    # (10.20.30.23) and sends from it to 10.20.30.22, routed through a worker. k8s-worker01's
+    # address is the service's only source range: there the LB IPs pass as sources (issue 15),
+    # on k8s-worker02 (not in the ranges) they stay dropped, as does k8s-master's own address.
+    url = f"http://{NODE_LB_IP}:{LB_PORT}/whoami"
+    device = lab.exec_in(
+        "k8s-master", ["ip", "-o", "-4", "addr", "show", "to", NODE_IP["k8s-master"]]
+    )
+    interface = device.stdout.split()[1]
+    ip(lab, "k8s-master", "addr", "add", f"{NODE_LB_OTHER_IP}/32", "dev", interface)
+    try:
+        for worker, let_through in (("k8s-worker01", True), ("k8s-worker02", False)):
+            ip(lab, "k8s-master", "route", "replace", f"{NODE_LB_IP}/32", "via", NODE_IP[worker])
+            if not let_through:
+                answer = curl(lab, "k8s-master", url, DROP_TIMEOUT, source=NODE_LB_OTHER_IP)
+                assert answer.exit_code == CURL_TIMED_OUT, (worker, answer)
+                continue
+            seen: dict[str, set[str]] = {}
+            for _ in range(REQUESTS):
+                answer = curl(lab, "k8s-master", url, source=NODE_LB_OTHER_IP)
+                assert answer.exit_code == 0, (worker, answer)
+                pod, client = answer.body.split()
+                seen.setdefault(pod, set()).add(client)
+            # both endpoints, masqueraded as any external traffic
+            assert seen == {"pod1": {NODE_IP[worker]}, "pod2": {NODE_IP[worker]}}
+            # k8s-master's own address is in no range: dropped on the same node
+            assert_dropped(lab, "k8s-master", NODE_LB_IP, LB_PORT)
+    finally:
+        lab.exec_in("k8s-master", ["ip", "route", "del", f"{NODE_LB_IP}/32"])
+        lab.exec_in("k8s-master", ["ip", "addr", "del", f"{NODE_LB_OTHER_IP}/32", "dev", interface])
 
 
 # --- topology hints ---------------------------------------------------------------------------

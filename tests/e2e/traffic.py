@@ -27,12 +27,13 @@ class Curl:
     seconds: float
 
 
-def curl(lab: Lab, where: str, url: str, max_time: float = 5) -> Curl:
-    """``curl -s`` of ``url`` from the namespace of ``where``."""
+def curl(lab: Lab, where: str, url: str, max_time: float = 5, source: str | None = None) -> Curl:
+    """``curl -s`` of ``url`` from the namespace of ``where`` (from its address ``source``)."""
     marker = "\n@@time="
+    bind = ["--interface", source] if source else []
     result = lab.exec_in(
         where,
-        ["curl", "-s", "-m", str(max_time), "-w", marker + "%{time_total}", url],
+        ["curl", "-s", "-m", str(max_time), *bind, "-w", marker + "%{time_total}", url],
         timeout=max_time + 30,
     )
     body, _, seconds = result.stdout.rpartition(marker)

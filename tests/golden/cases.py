@@ -124,6 +124,16 @@ CASES: dict[str, Case] = {
         _flags(),
         "traffic policies Local, terminating endpoints, zone hints, LB source ranges",
     ),
+    "lb-node-in-ranges": Case(
+        INPUTS / "lb-source-ranges.yaml",
+        _flags(node_ips=("192.168.0.2",)),
+        "a node address in loadBalancerSourceRanges: the service's LB IPs are let through too",
+    ),
+    "lb-node-outside-ranges": Case(
+        INPUTS / "lb-source-ranges.yaml",
+        _flags(node_ips=("10.20.30.11",)),
+        "no node address in loadBalancerSourceRanges: only the ranges are let through",
+    ),
     "dual-stack": Case(
         INPUTS / "dual-stack.yaml",
         _flags(cidrs=("10.244.0.0/16", "fd00:10:244::/56")),
