@@ -574,7 +574,7 @@ def test_every_service_port_reaches_the_endpoints_its_plan_chose(case: str, mode
     node = _node(mode, _with_node_ip(CASES[case].flags))
     ruleset = ex.rendered_ruleset(state, node)
     (plan,) = [p for p in build_plans(state, node) if p.family.name == "V4"]
-    node_ip = ipaddress.IPv4Address(NODE_IP)
+    node_ip = next(a for a in node.node_ips if a.version == 4)  # the case's, else NODE_IP
     outside = ipaddress.IPv4Address("203.0.113.99")
 
     def reached(src: ipaddress.IPv4Address, dst: IPAddress, port: int) -> set[str]:
