@@ -1,4 +1,5 @@
-"""The only code that talks to the kernel or runs a tool: running processes (``run``: one
+"""The boundary to the node (kpgen/explain's own kernel readers are still to move here):
+running processes (``run``: one
 PATH rule, a timeout on every call), the writer lock (``lock``), reading what the kernel holds
 (``kernel``: nftables as JSON through libnftables, iptables-save through one reader), loading
 rules (``apply``) and deleting stale conntrack entries (``conntrack``)."""
