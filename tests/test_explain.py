@@ -26,12 +26,14 @@ from click.testing import CliRunner
 from golden.cases import CASES, SEED
 
 from kpgen.cli.main import main
-from kpgen.core.model import ClusterState, IPAddress
-from kpgen.core.node import NodeConfig, NodeFlags, node_config
+from kpgen.core.model import ClusterState, IPAddress, IPFamily
+from kpgen.core.node import NodeConfig, NodeFlags, ProxyMode, node_config
 from kpgen.core.parse import parse_documents
-from kpgen.core.plan import build_plans
+from kpgen.core.plan import FamilyPlan, build_plans
+from kpgen.dataplane.kernel import iptables_tool
 from kpgen.explain import answers as ex
-from kpgen.explain.rules import PROTOCOLS, Dnat, Ruleset, parse_nft
+from kpgen.explain.nft_json import read_nft_json
+from kpgen.explain.rules import PROTOCOLS, Dnat, Ruleset, hostport, parse_nft
 from kpgen.explain.trace import Locality, Packet
 from kpgen.inputs.manifests import load_documents
 from kpgen.render.text import render, render_plan
@@ -40,6 +42,15 @@ ROOT = Path(__file__).resolve().parent.parent
 E2E_DATA = ROOT / "tests" / "e2e" / "data"
 MODES = ("nftables", "iptables")
 NODE_IP = "10.20.30.11"  # k8s-worker01's address in the seed cluster; node-a's in the cases
+# per family: node-a's address (the IPv6 one in the cases' fd00::/64), clients outside, an
+# address of the service CIDR no service has, loopback
+NODE_IPS = {IPFamily.V4: NODE_IP, IPFamily.V6: "fd00::11"}
+OUTSIDE = {
+    IPFamily.V4: ("203.0.113.99", "198.51.100.7"),
+    IPFamily.V6: ("2001:db8::99", "2001:db8:1::7"),
+}
+UNALLOCATED = {IPFamily.V4: "10.96.55.55", IPFamily.V6: "fd00:10:96::5555"}
+LOOPBACK = {IPFamily.V4: "127.0.0.1", IPFamily.V6: "::1"}
 GATEWAY = "10.20.30.1"
 POD1, POD2, TEST_POD = "192.168.69.246", "192.168.79.106", "192.168.69.200"
 SEED_FLAGS = NodeFlags(
@@ -506,29 +517,39 @@ def test_the_kernels_spelling_of_the_rules_is_read(mode: str, listing: str) -> N
 def test_rendered_nft_rules_parse_without_an_unknown_construct_in_every_case() -> None:
     for name, case in CASES.items():
         for mode in MODES:
-            ruleset = ex.rendered_ruleset(_state(case.input), _node(mode, case.flags))
-            unknown = [r.text for c in ruleset.chains.values() for r in c.rules if r.error]
-            assert not unknown, f"{name} {mode}: {unknown}"
+            state, node = _state(case.input), _node(mode, case.flags)
+            for plan in build_plans(state, node):
+                ruleset = ex.rendered_ruleset(state, node, family=plan.family)
+                unknown = _unreadable(ruleset)
+                assert not unknown, f"{name} {mode} {plan.family.value}: {unknown}"
 
 
 # --- every golden case: both modes agree, and the rules do what the plan decided ---------------
 
 
 def _case_packets(ruleset: Ruleset, node: NodeConfig, sources: list[str]) -> Iterator[Packet]:
+    """Packets of the ruleset's family to every address the rules name, NodePorts on the
+    node's address, the next port of some, an unallocated address, port 22, loopback."""
+    family = ruleset.family
     addresses, node_ports = ex.candidates(ruleset)
-    node_ip = ipaddress.IPv4Address(NODE_IP)
+    node_ip = ipaddress.ip_address(NODE_IPS[family])
     destinations = sorted(addresses) + [(node_ip, proto, port) for proto, port in node_ports]
     destinations += [(a, proto, port + 1) for a, proto, port in sorted(addresses)[:3]]
-    destinations += [(ipaddress.IPv4Address("10.96.55.55"), 6, 80), (node_ip, 6, 22)]
-    destinations += [(ipaddress.IPv4Address("127.0.0.1"), p, n) for p, n in sorted(node_ports)]
+    destinations += [(ipaddress.ip_address(UNALLOCATED[family]), 6, 80), (node_ip, 6, 22)]
+    loopback = ipaddress.ip_address(LOOPBACK[family])
+    destinations += [(loopback, p, n) for p, n in sorted(node_ports)]
     for src in sources:
         for dst, protocol, port in destinations:
-            yield Packet(ipaddress.IPv4Address(src), dst, protocol, port)
+            yield Packet(ipaddress.ip_address(src), dst, protocol, port)
 
 
 def _sources(node: NodeConfig, ruleset: Ruleset) -> list[str]:
-    sources = ["203.0.113.99", "198.51.100.7", NODE_IP, "127.0.0.1"]
-    sources += [str(n.network_address + 300) for n in node.cluster_cidrs if n.version == 4]
+    """Clients of the ruleset's family: outside, the node, loopback, a pod, each endpoint."""
+    family = ruleset.family
+    sources = [*OUTSIDE[family], NODE_IPS[family], LOOPBACK[family]]
+    sources += [
+        str(n.network_address + 300) for n in node.cluster_cidrs if IPFamily.of(n) is family
+    ]
     endpoints = {
         str(s.address)
         for c in ruleset.chains.values()
@@ -546,25 +567,30 @@ def _key(answer: ex.Explanation) -> list[tuple[str, str | None, bool, float]]:
 
 
 def _with_node_ip(flags: NodeFlags) -> NodeFlags:
-    return flags if flags.node_ips else replace(flags, node_ips=(NODE_IP,))
+    return flags if flags.node_ips else replace(flags, node_ips=tuple(NODE_IPS.values()))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_both_modes_give_the_same_answer_for_every_packet_of_a_golden_case(case: str) -> None:
     state = _state(CASES[case].input)
     flags = _with_node_ip(CASES[case].flags)
-    rulesets = {mode: ex.rendered_ruleset(state, _node(mode, flags)) for mode in MODES}
     node = _node("nftables", flags)
-    locality = ex.node_locality(node)
-    checked = 0
-    for packet in _case_packets(rulesets["nftables"], node, _sources(node, rulesets["nftables"])):
-        answers = {
-            mode: _key(ex.explain_packet(rs, packet, locality, node.hostname))
-            for mode, rs in rulesets.items()
+    for plan in build_plans(state, node):  # IPv4, and IPv6 where a service has it
+        rulesets = {
+            mode: ex.rendered_ruleset(state, _node(mode, flags), family=plan.family)
+            for mode in MODES
         }
-        assert answers["nftables"] == answers["iptables"], packet
-        checked += 1
-    assert checked >= 8  # at least the two fixed destinations from every source
+        locality = ex.node_locality(node, plan.family)
+        checked = 0
+        nft = rulesets["nftables"]
+        for packet in _case_packets(nft, node, _sources(node, nft)):
+            answers = {
+                mode: _key(ex.explain_packet(rs, packet, locality, node.hostname))
+                for mode, rs in rulesets.items()
+            }
+            assert answers["nftables"] == answers["iptables"], packet
+            checked += 1
+        assert checked >= 8  # at least the two fixed destinations from every source
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -572,36 +598,41 @@ def test_both_modes_give_the_same_answer_for_every_packet_of_a_golden_case(case:
 def test_every_service_port_reaches_the_endpoints_its_plan_chose(case: str, mode: str) -> None:
     state = _state(CASES[case].input)
     node = _node(mode, _with_node_ip(CASES[case].flags))
-    ruleset = ex.rendered_ruleset(state, node)
-    (plan,) = [p for p in build_plans(state, node) if p.family.name == "V4"]
-    node_ip = next(a for a in node.node_ips if a.version == 4)  # the case's, else NODE_IP
-    outside = ipaddress.IPv4Address("203.0.113.99")
+    for plan in build_plans(state, node):  # IPv4, and IPv6 where a service has it
+        _check_reached(state, node, plan)
 
-    def reached(src: ipaddress.IPv4Address, dst: IPAddress, port: int) -> set[str]:
-        assert isinstance(dst, ipaddress.IPv4Address)
+
+def _check_reached(state: ClusterState, node: NodeConfig, plan: FamilyPlan) -> None:
+    ruleset = ex.rendered_ruleset(state, node, family=plan.family)
+    locality = ex.node_locality(node, plan.family)
+    own = [a for a in node.node_ips if IPFamily.of(a) is plan.family]  # the case's, if any
+    node_ip = own[0] if own else ipaddress.ip_address(NODE_IPS[plan.family])
+    outside = ipaddress.ip_address(OUTSIDE[plan.family][0])
+
+    def reached(dst: IPAddress, port: int) -> set[str]:
         protocol = PROTOCOLS[p.port.protocol.lower]
-        packet = Packet(src, dst, protocol, port)
-        answer = ex.explain_packet(ruleset, packet, ex.node_locality(node), node.hostname)
+        packet = Packet(outside, dst, protocol, port)
+        answer = ex.explain_packet(ruleset, packet, locality, node.hostname)
         return {o.destination or o.kind for o in answer.outcomes}
 
     for p in plan.ports:
         if not p.has_endpoints:
             for address in (p.cluster_ip, *p.external_addresses):
-                assert reached(outside, address, p.port.port) == {"reject"}, p.port_name
+                assert reached(address, p.port.port) == {"reject"}, p.port_name
             continue
         internal = p.local_endpoints if p.internal_local else p.cluster_endpoints
-        want = {f"{b.address}:{b.port}" for b in internal} or {"drop"}
-        assert reached(outside, p.cluster_ip, p.port.port) == want, p.port_name
+        want = {hostport(b.address, b.port) for b in internal} or {"drop"}
+        assert reached(p.cluster_ip, p.port.port) == want, p.port_name
         external = p.local_endpoints if p.external_local else p.cluster_endpoints
-        want = {f"{b.address}:{b.port}" for b in external} or {"drop"}
+        want = {hostport(b.address, b.port) for b in external} or {"drop"}
         for address in p.external_addresses:
             if address not in p.firewalled_addresses:
-                assert reached(outside, address, p.port.port) == want, (p.port_name, address)
+                assert reached(address, p.port.port) == want, (p.port_name, address)
         answers = plan.nodeport_networks is None or any(
             node_ip in n for n in plan.nodeport_networks
         )
         if p.port.node_port is not None and answers:
-            assert reached(outside, node_ip, p.port.node_port) == want, p.port_name
+            assert reached(node_ip, p.port.node_port) == want, p.port_name
 
 
 # --- the command line ---------------------------------------------------------------------------
@@ -702,33 +733,62 @@ def _in(namespace: str, *argv: str, stdin: str | None = None) -> str:
     return kernel.output_of(namespace, list(argv), stdin)
 
 
-def _load(namespace: str, text: str, mode: str) -> str:
-    """Load ``text`` as the only rules of the namespace; the kernel's listing of it."""
+def _load(namespace: str, mode: str, *plans: FamilyPlan) -> str:
+    """Load the plans' rendered rules as the only rules of the namespace; what the kernel
+    lists of the first plan's family (``nft list table``, ``iptables-save``)."""
     _in(namespace, "nft", "flush", "ruleset")
+    for plan in plans:
+        text = render_plan(plan, ProxyMode(mode))
+        if mode == "nftables":
+            _in(namespace, "nft", "-f", "-", stdin=text)
+        else:
+            _in(namespace, iptables_tool("nft", plan.family, "-restore"), stdin=text)
+    family = plans[0].family
     if mode == "nftables":
-        _in(namespace, "nft", "-f", "-", stdin=text)
-        return _in(namespace, "nft", "list", "table", "ip", "kpgen")
-    _in(namespace, "iptables-restore", stdin=text)
-    return _in(namespace, "iptables-save")
+        return _in(namespace, "nft", "list", "table", family.nft_family, "kpgen")
+    return _in(namespace, iptables_tool("nft", family, "-save"))
+
+
+def _read_back(namespace: str, mode: str, family: IPFamily) -> Ruleset:
+    """The namespace's rules of ``family`` as --live reads them: nftables as the JSON nft
+    prints (``nft -j list table``), iptables as iptables-save prints them."""
+    if mode == "nftables":
+        listing = _in(namespace, "nft", "-j", "list", "table", family.nft_family, "kpgen")
+        return read_nft_json(json.loads(listing)["nftables"], family)
+    saved = _in(namespace, iptables_tool("nft", family, "-save"))
+    return ex.parse_rules(saved, mode, "kernel", family)
+
+
+def _unreadable(ruleset: Ruleset) -> list[str]:
+    """The rules and set elements explain could not read."""
+    rules = [f"{r.text}: {r.error}" for c in ruleset.chains.values() for r in c.rules if r.error]
+    for element_set in ruleset.sets.values():
+        element_set.elements  # noqa: B018  (read now: an element that cannot be read is an error)
+    return rules + [error for s in ruleset.sets.values() for error in s.errors]
 
 
 @kernel.kernel
 @pytest.mark.parametrize("mode", MODES)
 def test_rules_read_back_from_the_kernel_answer_as_the_rendered_ones(mode: str) -> None:
+    """Every golden case, loaded and read back as --live reads it (nftables: the JSON nft
+    really prints), in each family: every construct is read, ``kpgen status`` counts as
+    much, and every packet gets the answer the rendered rules give."""
     with kernel.netns() as namespace:
         for name, case in CASES.items():
             state = _state(case.input)
             node = _node(mode, _with_node_ip(case.flags))
-            rendered = ex.rendered_ruleset(state, node)
-            (v4,) = [p for p in build_plans(state, node) if p.family.name == "V4"]
-            text = render_plan(v4, node.mode)
-            live = ex.parse_rules(_load(namespace, text, mode), mode, "kernel")
-            assert not [r.text for c in live.chains.values() for r in c.rules if r.error], name
-            locality = ex.node_locality(node)
-            for packet in _case_packets(rendered, node, _sources(node, rendered)[:4]):
-                want = _key(ex.explain_packet(rendered, packet, locality, node.hostname))
-                got = _key(ex.explain_packet(live, packet, locality, node.hostname))
-                assert got == want, (name, packet)
+            plans = build_plans(state, node)
+            _load(namespace, mode, *plans)
+            for plan in plans:
+                rendered = ex.rendered_ruleset(state, node, plans, plan.family)
+                live = _read_back(namespace, mode, plan.family)
+                assert _unreadable(live) == [], name
+                assert ex.count(live) == ex.count(rendered), name
+                locality = ex.node_locality(node, plan.family)
+                for packet in _case_packets(rendered, node, _sources(node, rendered)[:4]):
+                    want = _key(ex.explain_packet(rendered, packet, locality, node.hostname))
+                    got = _key(ex.explain_packet(live, packet, locality, node.hostname))
+                    assert got == want, (name, packet)
 
 
 def _namespace_with_node_address(namespace: str) -> None:
@@ -1017,7 +1077,7 @@ def test_live_session_affinity_sends_a_remembered_client_back_to_its_endpoint(
     node = _node(mode)
     (v4,) = [p for p in build_plans(state, node) if p.family.name == "V4"]
     with kernel.netns() as namespace:
-        listing = _load(namespace, render_plan(v4, node.mode), mode)
+        listing = _load(namespace, mode, v4)
         if mode == "nftables":
             (name,) = re.findall(r"set (affinity-\S+192\.168\.70\.2\S*) \{", listing)
             _in(namespace, "nft", "add", "element", "ip", "kpgen", name, f"{{ {TEST_POD} }}")

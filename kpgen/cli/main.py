@@ -452,29 +452,33 @@ def explain_command(
     state = _read_inputs(inputs, node, verbose).state if inputs else None
     plans = build_plans(state, node) if state is not None else None
     index = ex.ServiceIndex(state, node, plans) if state is not None else None
-    where = None
     try:
-        if live:
-            mode = options["proxy_mode"] or None
-            ruleset, where = ex.live_ruleset(mode, iptables_backend)
-            locality = ex.live_locality()
-        else:
-            assert state is not None
-            ruleset = ex.rendered_ruleset(state, node, plans)
-            locality = ex.node_locality(node)
         if service_ref is not None:
-            client = ex.parse_packet(src, "0.0.0.0:1", "tcp").src if src else ex.DEFAULT_CLIENT
-            answer: Any = ex.explain_service(
-                ruleset, service_ref, locality, node.hostname, index, client
-            )
-            answer.where = where
+            client = ex.parse_address("--src", src) if src else ex.DEFAULT_CLIENT
+            family = IPFamily.of(client)
         else:
             assert dst is not None and src is not None
             packet = ex.parse_packet(src, dst, protocol)
+            family = packet.family
+        rules: ex.Loaded | ex.Rendered
+        if live:
+            rules = ex.live_rules(options["proxy_mode"] or None, iptables_backend)
+            locality = ex.live_locality(family)
+        else:
+            assert state is not None
+            rules = ex.Rendered(state, node, plans)
+            locality = ex.node_locality(node, family)
+        ruleset = rules.ruleset(family)
+        if service_ref is not None:
+            others = [rules.ruleset(f) for f in IPFamily if f is not family]
+            answer: Any = ex.explain_service(
+                ruleset, service_ref, locality, node.hostname, index, client, others
+            )
+        else:
             answer = ex.explain_packet(ruleset, packet, locality, node.hostname, index)
-            answer.where = where
             if live and state is not None:
                 ex.compare_with_manifests(answer, state, node, packet, locality)
+        answer.where = rules.where(family)
     except ex.ExplainError as error:
         _fail(str(error))
     if output == "json":

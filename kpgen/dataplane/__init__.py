@@ -1,5 +1,4 @@
-"""The boundary to the node (kpgen/explain's own kernel readers are still to move here):
-running processes (``run``: one
-PATH rule, a timeout on every call), the writer lock (``lock``), reading what the kernel holds
-(``kernel``: nftables as JSON through libnftables, iptables-save through one reader), loading
-rules (``apply``) and deleting stale conntrack entries (``conntrack``)."""
+"""The boundary to the node: running processes (``run``: one PATH rule, a timeout on every
+call), the writer lock (``lock``), reading what the kernel holds (``kernel``: nftables as JSON
+through libnftables, iptables-save through one reader), loading rules (``apply``) and deleting
+stale conntrack entries (``conntrack``)."""

@@ -165,11 +165,14 @@ class SavedTable:
 
     name: str
     chains: dict[str, list[str]] = field(default_factory=dict)  # chain -> ["-d 10.0.0.1/32 ..."]
+    policies: dict[str, str] = field(default_factory=dict)  # built-in chain -> ACCEPT, DROP
+    inserted: set[tuple[str, str]] = field(default_factory=set)  # (chain, spec) given as -I
 
 
 def read_iptables_save(text: str) -> dict[str, SavedTable]:
     """iptables-save output (or iptables-restore input) by table: chains declared with ``:``
-    and the specs of their ``-A`` rules, in order."""
+    (and the policies of built-in ones), the specs of their ``-A`` rules in order, and where
+    restore input has ``-I CHAIN [N] SPEC``, the spec inserted as iptables-restore would."""
     tables: dict[str, SavedTable] = {}
     current: SavedTable | None = None
     for line in text.splitlines():
@@ -178,10 +181,19 @@ def read_iptables_save(text: str) -> dict[str, SavedTable]:
         elif current is None or not line or line.startswith(("#", "COMMIT")):
             continue
         elif line.startswith(":"):
-            current.chains.setdefault(line[1:].split()[0], [])
+            name, policy = [*line[1:].split(), "-"][:2]
+            current.chains.setdefault(name, [])
+            if policy != "-":
+                current.policies[name] = policy
         elif line.startswith("-A "):
             chain, _, spec = line[3:].partition(" ")
             current.chains.setdefault(chain, []).append(spec)
+        elif line.startswith("-I "):
+            chain, _, spec = line[3:].partition(" ")
+            position, _, rest = spec.partition(" ")
+            index, spec = (int(position) - 1, rest) if position.isdigit() else (0, spec)
+            current.chains.setdefault(chain, []).insert(index, spec)
+            current.inserted.add((chain, spec))
     return tables
 
 

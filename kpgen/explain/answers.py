@@ -3,10 +3,11 @@ loaded.
 
 The answer comes from walking the rules (kpgen/explain/trace.py) as they are written: the very
 text ``kpgen apply`` loads, rendered from the manifests, or, with ``--live``, what the kernel
-lists back (kpgen/explain/rules.py reads both spellings). It is never re-derived from the
-cluster model, so a wrong rule shows up as a wrong answer. The manifests, when given, only put
-names on what the rules do: which service port, ClusterIP or externalIP or LoadBalancer IP,
-which traffic policy.
+holds, read through kpgen.dataplane (nftables as libnftables JSON, kpgen/explain/nft_json.py;
+iptables as iptables-save prints it). Each IP family has its own rules; a packet is walked
+through its family's. The answer is never re-derived from the cluster model, so a wrong rule
+shows up as a wrong answer. The manifests, when given, only put names on what the rules do:
+which service port, ClusterIP or externalIP or LoadBalancer IP, which traffic policy.
 
 The result is a tree of dataclasses (``-o json`` prints it as is) and a text rendering that
 fits an 80-column terminal.
@@ -14,11 +15,10 @@ fits an 80-column terminal.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import re
-import shutil
-import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -26,27 +26,38 @@ from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
 from typing import Any
 
-from kpgen.core.model import ClusterState, IPFamily, Service
+from kpgen.core.model import ClusterState, IPAddress, IPFamily, IPNetwork, Service
+from kpgen.core.names import IPT_PREFIX, NFT_TABLE
 from kpgen.core.node import NodeConfig, ProxyMode
 from kpgen.core.plan import FamilyPlan, PortPlan, build_plans
+from kpgen.dataplane.kernel import Nft, iptables_save, iptables_tool, iptables_variants
+from kpgen.dataplane.run import DataplaneError, run
+from kpgen.explain.nft_json import read_nft_json
 from kpgen.explain.rules import (
+    NETWORKS,
     PROTOCOLS,
+    Dnat,
     Element,
     ElementSet,
     Match,
     Ruleset,
     RuleSyntaxError,
     Verdict,
+    exact_key,
+    hostport,
     parse_iptables,
     parse_nft,
     read_iptables_line,
 )
-from kpgen.explain.trace import LOOPBACK, Hop, Locality, Packet, Tracer, Walk, percent
+from kpgen.explain.trace import Hop, Locality, Packet, Tracer, Walk, percent
 from kpgen.render.text import render_plan
 
-IPv4Address = ipaddress.IPv4Address
-IPv4Network = ipaddress.IPv4Network
-DEFAULT_CLIENT = IPv4Address("203.0.113.1")  # TEST-NET-3: "a client somewhere outside"
+# "a client somewhere outside": TEST-NET-3, and IPv6's documentation prefix
+DEFAULT_CLIENTS: dict[IPFamily, IPAddress] = {
+    IPFamily.V4: ipaddress.IPv4Address("203.0.113.1"),
+    IPFamily.V6: ipaddress.IPv6Address("2001:db8::1"),
+}
+DEFAULT_CLIENT = DEFAULT_CLIENTS[IPFamily.V4]
 DEFAULT_HEALTHZ = "127.0.0.1:10256"
 
 
@@ -55,104 +66,158 @@ class ExplainError(Exception):
 
 
 # --- the rules: rendered, or read back from the kernel ------------------------------------------
+#
+# Each IP family has its rules (nft tables ip and ip6, iptables and ip6tables): a packet's
+# family picks the ruleset it is walked through.
 
 
 def rendered_ruleset(
-    state: ClusterState, node: NodeConfig, plans: Sequence[FamilyPlan] | None = None
+    state: ClusterState,
+    node: NodeConfig,
+    plans: Sequence[FamilyPlan] | None = None,
+    family: IPFamily = IPFamily.V4,
 ) -> Ruleset:
-    """The IPv4 rules ``kpgen apply`` would load for ``state`` on ``node``, parsed."""
+    """The ``family`` rules ``kpgen apply`` would load for ``state`` on ``node``, parsed."""
     plans = plans if plans is not None else build_plans(state, node)
-    text = "".join(render_plan(p, node.mode) for p in plans if p.family is IPFamily.V4)
-    return parse_rules(text, node.mode.value, "rendered")
+    plan = next((p for p in plans if p.family is family), None)
+    if plan is None:
+        ruleset = Ruleset(node.mode.value, "rendered", family)
+        ruleset.notes.append(
+            f"kpgen has no {family.value} rules here: no service has an {family.value} ClusterIP"
+        )
+        return ruleset
+    return parse_rules(render_plan(plan, node.mode), node.mode.value, "rendered", family)
 
 
-def parse_rules(text: str, mode: str, origin: str) -> Ruleset:
-    """Rule text of either mode (rendered, or the kernel's listing)."""
+def parse_rules(text: str, mode: str, origin: str, family: IPFamily = IPFamily.V4) -> Ruleset:
+    """Rule text of either mode: rendered nft text, or iptables-restore / iptables-save."""
     try:
         if mode == ProxyMode.NFTABLES.value:
-            return parse_nft(text, origin)
-        return parse_iptables(text, origin)
+            return parse_nft(text, origin, family)
+        return parse_iptables(text, origin, family)
     except RuleSyntaxError as error:
         source = "rendered" if origin == "rendered" else "loaded"
         raise ExplainError(f"cannot read the {source} {mode} rules: {error}") from None
 
 
-def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
-    try:
-        return subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30)
-    except FileNotFoundError:
-        raise ExplainError(f"{argv[0]} is not installed") from None
+@dataclass
+class Rendered:
+    """The rules ``kpgen apply`` would load for the manifests, each family's when asked for."""
+
+    state: ClusterState
+    node: NodeConfig
+    plans: Sequence[FamilyPlan] | None = None
+
+    def ruleset(self, family: IPFamily) -> Ruleset:
+        return rendered_ruleset(self.state, self.node, self.plans, family)
+
+    def where(self, family: IPFamily) -> str | None:
+        return None
 
 
-def _tool(name: str) -> str:
-    return shutil.which(name, path="/usr/local/sbin:/usr/sbin:/sbin:/usr/bin:/bin") or name
-
-
-@dataclass(frozen=True)
+@dataclass
 class Loaded:
-    """kpgen's rules found in this network namespace."""
+    """kpgen's rules of one kind (nftables, or one iptables variant) loaded in this network
+    namespace; each family's are read from the kernel when first asked for (nftables as
+    libnftables JSON, iptables as iptables-save prints them)."""
 
     mode: str
-    text: str
-    where: str  # "nft table ip kpgen", "iptables-nft"
+    variant: str | None = None  # iptables: nft, legacy
+    nft: Nft | None = field(default=None, repr=False)  # nftables: the context that found them
+    nft_families: frozenset[IPFamily] = frozenset()  # nftables: those kpgen has a table of
+    _read: dict[IPFamily, Ruleset | None] = field(default_factory=dict, repr=False)
+
+    def where(self, family: IPFamily = IPFamily.V4) -> str:
+        """``nft table ip kpgen``, ``iptables-nft``, ``ip6tables-legacy``, ..."""
+        if self.variant is None:
+            return f"nft table {_nft_table(family)}"
+        return iptables_tool(self.variant, family)
+
+    def ruleset(self, family: IPFamily = IPFamily.V4) -> Ruleset:
+        """The ``family`` rules (none, with a note, where kpgen has none loaded)."""
+        found = self.read(family)
+        if found is not None:
+            return found
+        empty = Ruleset(self.mode, "kernel", family)
+        empty.notes.append(f"kpgen has no {family.value} rules loaded here ({self.where(family)})")
+        return empty
+
+    def families(self) -> list[IPFamily]:
+        """The families kpgen has rules of here."""
+        return [family for family in IPFamily if self.read(family) is not None]
+
+    def read(self, family: IPFamily) -> Ruleset | None:
+        """The ``family`` rules read from the kernel, or None where kpgen has none."""
+        if family not in self._read:
+            try:
+                self._read[family] = self._load(family)
+            except DataplaneError as error:
+                raise ExplainError(f"cannot read the {self.mode} rules: {error}") from None
+            except RuleSyntaxError as error:
+                raise ExplainError(f"cannot read the loaded {self.mode} rules: {error}") from None
+        return self._read[family]
+
+    def _load(self, family: IPFamily) -> Ruleset | None:
+        if self.nft is not None:
+            if family not in self.nft_families:
+                return None
+            return read_nft_json(self.nft.json(f"list table {_nft_table(family)}"), family)
+        assert self.variant is not None
+        ruleset = parse_iptables(iptables_save(self.variant, family), "kernel", family)
+        if not any(c.name.startswith(IPT_PREFIX) for c in ruleset.chains.values()):
+            return None
+        for name, element_set in ruleset.sets.items():
+            if name.startswith("recent:"):
+                _read_recent(name.removeprefix("recent:"), element_set)
+        return ruleset
 
 
-def _legacy_in_use() -> bool:
-    try:
-        with open("/proc/net/ip_tables_names", encoding="ascii") as stream:
-            return bool(stream.read().strip())
-    except OSError:
-        return False
+def _nft_table(family: IPFamily) -> str:
+    """``ip kpgen``, ``ip6 kpgen``."""
+    return f"{family.nft_family} {NFT_TABLE}"
 
 
 def loaded_rules(mode: str | None = None, iptables_backend: str = "auto") -> list[Loaded]:
-    """kpgen's IPv4 rules loaded in the current network namespace, per mode (``mode``: only
-    that one). Reading never creates anything (legacy iptables is read only when its tables
-    exist)."""
+    """kpgen's rules loaded in the current network namespace, per kind (``mode``: only that
+    mode's). Reading never creates anything (legacy iptables is read only when its tables
+    exist). kpgen always loads IPv4 rules: iptables variants are told by their IPv4 rules."""
     found = []
     if mode in (None, ProxyMode.NFTABLES.value):
-        from kpgen.dataplane.apply import ApplyError, Nftables
-
         try:
-            nft = Nftables()
-            if "ip kpgen" in nft.tables():
-                found.append(
-                    Loaded("nftables", nft.run("list table ip kpgen\n"), "nft table ip kpgen")
-                )
-        except ApplyError as error:
+            nft = Nft()  # the terse listing of each family's objects: fast at any size
+            families = frozenset(f for f in IPFamily if nft.objects(f))
+        except DataplaneError as error:
             if mode is not None:
                 raise ExplainError(f"cannot read the nftables rules: {error}") from None
+            families = frozenset()
+        if families:
+            found.append(Loaded(ProxyMode.NFTABLES.value, nft=nft, nft_families=families))
     if mode in (None, ProxyMode.IPTABLES.value):
-        variants = ("nft", "legacy") if iptables_backend == "auto" else (iptables_backend,)
-        for variant in variants:
-            tool = f"iptables-{variant}-save"
-            if shutil.which(tool, path="/usr/sbin:/sbin:/usr/bin") is None:
-                continue
-            if variant == "legacy" and not _legacy_in_use():
-                continue
-            result = _run([_tool(tool)])
-            if result.returncode == 0 and re.search(r"^:KPGEN-", result.stdout, re.M):
-                found.append(Loaded("iptables", result.stdout, f"iptables-{variant}"))
+        installed = iptables_variants(IPFamily.V4)
+        for variant in installed if iptables_backend == "auto" else (iptables_backend,):
+            loaded = Loaded(ProxyMode.IPTABLES.value, variant)
+            try:
+                if variant in installed and loaded.read(IPFamily.V4) is not None:
+                    found.append(loaded)
+            except ExplainError:
+                if mode is not None:
+                    raise
     return found
 
 
-def live_ruleset(mode: str | None = None, iptables_backend: str = "auto") -> tuple[Ruleset, str]:
-    """The rules loaded here, parsed, and where they were found."""
+def live_rules(mode: str | None = None, iptables_backend: str = "auto") -> Loaded:
+    """The one kind of kpgen's rules loaded here (``mode``, ``iptables_backend``: choose)."""
     found = loaded_rules(mode, iptables_backend)
     if not found:
         wanted = f"{mode} " if mode else ""
         raise ExplainError(f"no kpgen {wanted}rules are loaded in this network namespace")
     if len(found) > 1:
-        names = ", ".join(f.where for f in found)
+        names = ", ".join(f.where() for f in found)
         raise ExplainError(
             f"kpgen rules of more than one kind are loaded ({names}): "
             "choose with --proxy-mode / --iptables-backend"
         )
-    ruleset = parse_rules(found[0].text, found[0].mode, "kernel")
-    for name, element_set in ruleset.sets.items():
-        if name.startswith("recent:"):
-            _read_recent(name.removeprefix("recent:"), element_set)
-    return ruleset, found[0].where
+    return found[0]
 
 
 RECENT = "/proc/net/xt_recent"
@@ -171,30 +236,38 @@ def _read_recent(name: str, element_set: ElementSet) -> None:
         found = re.match(r"src=(\S+)", line)
         if found:
             address = found.group(1)
-            element_set.add(Element(address, (address,), ("addr",)))
+            with contextlib.suppress(ValueError):  # not an address: not a client
+                element_set.add(Element(address, (address,), ("addr",)))
 
 
-def live_locality() -> Locality:
-    """This network namespace's local addresses: its ``local`` routes, which is what
-    ``fib daddr type local`` and ``-m addrtype --dst-type LOCAL`` look at."""
-    result = _run([_tool("ip"), "-4", "-j", "route", "show", "table", "local"])
-    if result.returncode != 0:
-        return Locality(None, "the local routes could not be read")
-    networks = [
-        IPv4Network(route["dst"], strict=False)
-        for route in json.loads(result.stdout or "[]")
-        if route.get("type") == "local"
-    ]
+def live_locality(family: IPFamily = IPFamily.V4) -> Locality:
+    """This network namespace's local addresses of ``family``: its ``local`` routes, which is
+    what ``fib daddr type local`` and ``-m addrtype --dst-type LOCAL`` look at."""
+    unknown = Locality(None, "the local routes could not be read")
+    version = "-4" if family is IPFamily.V4 else "-6"
+    try:
+        result = run(["ip", version, "-j", "route", "show", "table", "local"])
+        routes = json.loads(result.stdout or "[]") if result.returncode == 0 else None
+        networks = [
+            ipaddress.ip_network(route["dst"], strict=False)
+            for route in routes or []
+            if route.get("type") == "local"
+        ]
+    except (DataplaneError, ValueError, KeyError, TypeError, AttributeError):
+        return unknown
+    if routes is None:
+        return unknown
     return Locality(networks, "the local routes of this network namespace")
 
 
-def node_locality(node: NodeConfig) -> Locality:
-    """What the node flags say about the node's addresses (``--node-ip``)."""
-    addresses = [a for a in node.node_ips if isinstance(a, IPv4Address)]
+def node_locality(node: NodeConfig, family: IPFamily = IPFamily.V4) -> Locality:
+    """What the node flags say about the node's addresses of ``family`` (``--node-ip``)."""
+    addresses = [a for a in node.node_ips if IPFamily.of(a) is family]
     if not addresses:
-        return Locality(None, "no --node-ip given")
-    networks = [IPv4Network(f"{a}/32") for a in addresses]
-    return Locality([*networks, LOOPBACK], "--node-ip")
+        given = f"no {family.value} --node-ip given" if node.node_ips else "no --node-ip given"
+        return Locality(None, given)
+    networks: list[IPNetwork] = [ipaddress.ip_network(a) for a in addresses]
+    return Locality([*networks, family.loopback], "--node-ip")
 
 
 # --- what the manifests say: names for what the rules do ----------------------------------------
@@ -207,49 +280,50 @@ class Named:
     port: PortPlan
     service: Service | None
 
+    @property
+    def family(self) -> IPFamily:
+        return IPFamily.of(self.port.cluster_ip)
+
 
 class ServiceIndex:
-    """The manifests' service ports, to put names on what the rules do."""
+    """The manifests' service ports of every family, to put names on what the rules do (a
+    dual-stack service port has one per family)."""
 
     def __init__(
         self, state: ClusterState, node: NodeConfig, plans: Sequence[FamilyPlan] | None = None
     ) -> None:
         plans = plans if plans is not None else build_plans(state, node)
         services = {s.ref: s for s in state.services}
-        self.ports = [
-            Named(p, services.get(p.service))
-            for plan in plans
-            if plan.family is IPFamily.V4
-            for p in plan.ports
-        ]
-        self._by_key: dict[str, Named] = {}
+        self.ports = [Named(p, services.get(p.service)) for plan in plans for p in plan.ports]
+        self._by_key: dict[tuple[IPFamily, str], Named] = {}
+        # (address or, for NodePorts, the family), protocol, port
         self._by_address: dict[tuple[object, str, int], list[Named]] = {}
         for named in self.ports:
             p = named.port
-            self._by_key.setdefault(p.key, named)
-            self._by_key.setdefault(p.port_name, named)
+            self._by_key.setdefault((named.family, p.key), named)
+            self._by_key.setdefault((named.family, p.port_name), named)
             protocol = p.port.protocol.lower
             for address in (p.cluster_ip, *p.external_addresses):
                 self._by_address.setdefault((address, protocol, p.port.port), []).append(named)
             if p.port.node_port is not None:
-                key = (None, protocol, p.port.node_port)
+                key = (named.family, protocol, p.port.node_port)
                 self._by_address.setdefault(key, []).append(named)
 
-    def by_key(self, key: str) -> Named | None:
+    def by_key(self, key: str, family: IPFamily = IPFamily.V4) -> Named | None:
         """``ns/name/proto/port`` (nft chain names) or ``ns/name:port-name`` (iptables)."""
-        return self._by_key.get(key)
+        return self._by_key.get((family, key))
 
-    def by_address(self, address: IPv4Address, protocol: str, port: int) -> list[Named]:
+    def by_address(self, address: IPAddress, protocol: str, port: int) -> list[Named]:
         """The service ports that answer ``address:port`` (or have it as their NodePort)."""
         served = self._by_address.get((address, protocol, port), [])
-        node_ports = self._by_address.get((None, protocol, port), [])
+        node_ports = self._by_address.get((IPFamily.of(address), protocol, port), [])
         return served + [n for n in node_ports if n not in served]
 
-    def of_service(self, ref: str) -> list[Named]:
-        return [n for n in self.ports if str(n.port.service) == ref]
+    def of_service(self, ref: str, family: IPFamily | None = None) -> list[Named]:
+        return [n for n in self.ports if str(n.port.service) == ref and family in (None, n.family)]
 
 
-def address_kind(named: Named, address: IPv4Address, port: int) -> str:
+def address_kind(named: Named, address: IPAddress, port: int) -> str:
     """How a packet to ``address:port`` reaches this service port."""
     p = named.port
     if address == p.cluster_ip and port == p.port.port:
@@ -475,18 +549,27 @@ class Explanation:
         return {o.key for o in self.outcomes}
 
 
+def parse_address(option: str, text: str) -> IPAddress:
+    """An IPv4 or IPv6 address given to ``option``; a bad one is an ExplainError."""
+    try:
+        address = ipaddress.ip_address(text.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        raise ExplainError(f"{option} {text}: not an IPv4 or IPv6 address") from None
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id:
+        raise ExplainError(f"{option} {text}: an address without a zone (%...)")
+    return address
+
+
 def parse_packet(src: str, dst: str, protocol: str) -> Packet:
-    """``--src``, ``--dst ADDRESS:PORT``, ``--protocol``; a bad one is an ExplainError."""
+    """``--src``, ``--dst ADDRESS:PORT`` (an IPv6 address as ``[ADDRESS]:PORT`` or
+    ``ADDRESS:PORT``), ``--protocol``; a bad one is an ExplainError."""
     address, colon, port = dst.rpartition(":")
     if not colon or not port.isdigit() or not 0 < int(port) < 65536:
         raise ExplainError(f"--dst {dst}: needs a port 1-65535 (ADDRESS:PORT)")
-    try:
-        source = IPv4Address(src)
-        destination = IPv4Address(address)
-    except ValueError:
-        raise ExplainError(
-            f"--src {src} / --dst {dst}: explain walks the IPv4 rules (IPv4 addresses only)"
-        ) from None
+    source = parse_address("--src", src)
+    destination = parse_address("--dst", address)
+    if source.version != destination.version:
+        raise ExplainError(f"--src {src} / --dst {dst}: addresses of one family (IPv4 or IPv6)")
     if protocol.lower() not in PROTOCOLS or protocol.lower() == "icmp":
         raise ExplainError(f"--protocol {protocol}: tcp, udp or sctp")
     return Packet(source, destination, PROTOCOLS[protocol.lower()], int(port))
@@ -544,7 +627,7 @@ def _why(walk: Walk, packet: Packet, found: Labels) -> str:
     if flow.dnat is None:
         text = f"untouched: no service of kpgen's answers here; {where} as addressed"
     else:
-        text = f"DNAT to {flow.daddr}:{flow.dport}, {where}"
+        text = f"DNAT to {hostport(flow.daddr, flow.dport)}, {where}"
     if not flow.masquerade and flow.marked_by and walk.delivery == "local":
         text += " (marked for masquerade, but delivered locally: its source stays)"
     return text
@@ -561,7 +644,7 @@ def _outcome(walk: Walk, packet: Packet) -> Outcome:
         kind=kind,
         probability=float(flow.probability),
         fraction=_fraction(flow.probability),
-        destination=None if flow.dnat is None else f"{flow.dnat[0]}:{flow.dnat[1]}",
+        destination=None if flow.dnat is None else hostport(*flow.dnat),
         masquerade=flow.masquerade,
         masquerade_reasons=_masquerade_reasons(walk, packet) if flow.masquerade else [],
         delivery=walk.delivery,
@@ -582,7 +665,7 @@ def _service_match(
     named: Named | None = None
     if index is not None:
         if key is not None:
-            named = index.by_key(key)
+            named = index.by_key(key, packet.family)
         candidates = index.by_address(packet.dst, protocol, packet.port)
         if named is None and len(candidates) == 1:
             named = candidates[0]
@@ -590,7 +673,7 @@ def _service_match(
             others = ", ".join(c.port.port_name for c in candidates)
             notes.append(
                 f"the rules send this packet to {named.port.port_name}, "
-                f"but the manifests give {packet.dst}:{packet.port} to {others}"
+                f"but the manifests give {hostport(packet.dst, packet.port)} to {others}"
             )
     if named is not None:
         kind = address_kind(named, packet.dst, packet.port)
@@ -615,21 +698,21 @@ def _service_match(
     return ServiceMatch(service, port_name, protocol, port, via or "?")
 
 
-_SERVICE_NETWORKS: dict[int, tuple[Ruleset, list[IPv4Network]]] = {}
+_SERVICE_NETWORKS: dict[int, tuple[Ruleset, list[IPNetwork]]] = {}
 
 
-def service_networks(ruleset: Ruleset) -> list[IPv4Network]:
+def service_networks(ruleset: Ruleset) -> list[IPNetwork]:
     """The addresses the rules give to services (ClusterIPs, externalIPs, LB IPs) and the
     service CIDRs: never the node's own, where that is not known."""
     cached = _SERVICE_NETWORKS.get(id(ruleset))
     if cached is not None and cached[0] is ruleset:
         return cached[1]
     addresses, _ = candidates(ruleset)
-    networks = {IPv4Network(address) for address, _, _ in addresses}
+    networks: set[IPNetwork] = {ipaddress.ip_network(address) for address, _, _ in addresses}
     for name in ("cluster-ips", "service-cidrs"):
         if name in ruleset.sets:
             for element in ruleset.sets[name].elements:
-                if isinstance(element.key[0], IPv4Network):
+                if isinstance(element.key[0], NETWORKS):
                     networks.add(element.key[0])
     for chain in ruleset.chains.values():
         if chain.table != "filter" or chain.name not in ("KPGEN-SERVICES", "KPGEN-CLUSTER-IPS"):
@@ -640,7 +723,7 @@ def service_networks(ruleset: Ruleset) -> list[IPv4Network]:
                 continue  # NodePorts: the node's addresses
             for match in matches:
                 pattern = match.patterns[0] if match.patterns else None
-                if match.key[0].field == "daddr" and isinstance(pattern, IPv4Network):
+                if match.key[0].field == "daddr" and isinstance(pattern, NETWORKS):
                     networks.add(pattern)
     found = sorted(networks)
     _SERVICE_NETWORKS.clear()  # one ruleset at a time is all a command needs
@@ -655,7 +738,12 @@ def explain_packet(
     node_name: str,
     index: ServiceIndex | None = None,
 ) -> Explanation:
-    """Every outcome of a new connection of ``packet`` on this node, by walking ``ruleset``."""
+    """Every outcome of a new connection of ``packet`` on this node, by walking ``ruleset``
+    (the rules of the packet's family)."""
+    if ruleset.family is not packet.family:
+        raise ExplainError(
+            f"an {packet.family.value} packet never meets the {ruleset.family.value} rules"
+        )
     if locality.networks is None:  # only then is it guessed what is the node's
         locality.service_networks = service_networks(ruleset)
     tracer = Tracer(ruleset, locality)
@@ -684,7 +772,8 @@ def compare_with_manifests(
     read from the kernel) would answer the same."""
     config = replace(node, mode=ProxyMode(answer.mode))
     fresh = Locality(locality.networks, locality.source)
-    rendered = explain_packet(rendered_ruleset(state, config), packet, fresh, node.hostname)
+    ruleset = rendered_ruleset(state, config, family=packet.family)
+    rendered = explain_packet(ruleset, packet, fresh, node.hostname)
     if _outcome_keys(rendered) == _outcome_keys(answer):
         answer.notes.append("the rules rendered from the manifests give the same answer")
         return
@@ -737,7 +826,8 @@ class ServiceExplanation:
     where: str | None = None
 
 
-Addresses = set[tuple[IPv4Address, int, int]]
+Addresses = set[tuple[IPAddress, int, int]]
+ADDRESSES = (ipaddress.IPv4Address, ipaddress.IPv6Address)
 
 
 def _names(text: str, service: str) -> bool:
@@ -761,11 +851,14 @@ def candidates(
             if service and target and target != "reject-chain" and f"-{service}/" not in target:
                 continue
             if element_set.kinds == ("addr", "proto", "port"):
-                address, protocol, port = element.key
-                exact = isinstance(address, IPv4Network) and address.prefixlen == 32
-                if exact and isinstance(protocol, int) and isinstance(port, int):
-                    assert isinstance(address, IPv4Network)
-                    addresses.add((address.network_address, protocol, port))
+                network, protocol, port = element.key
+                address = exact_key(network)
+                if (
+                    isinstance(address, ADDRESSES)
+                    and isinstance(protocol, int)
+                    and isinstance(port, int)
+                ):
+                    addresses.add((address, protocol, port))
             elif element_set.is_map:
                 protocol, port = element.key
                 if isinstance(protocol, int) and isinstance(port, int):
@@ -784,11 +877,9 @@ def candidates(
                     found[match.key[0].field] = match.patterns[0]
             if "dport" not in found or "l4proto" not in found:
                 continue
-            daddr = found.get("daddr")
-            exact = isinstance(daddr, IPv4Network) and daddr.prefixlen == 32
-            if exact and "fib_daddr" not in found:
-                assert isinstance(daddr, IPv4Network)
-                addresses.add((daddr.network_address, found["l4proto"], found["dport"]))
+            daddr = exact_key(found["daddr"]) if "daddr" in found else None
+            if isinstance(daddr, ADDRESSES) and "fib_daddr" not in found:
+                addresses.add((daddr, found["l4proto"], found["dport"]))
             elif isinstance(found["dport"], int):
                 node_ports.add((found["l4proto"], found["dport"]))
     return addresses, node_ports
@@ -800,17 +891,20 @@ def explain_service(
     locality: Locality,
     node_name: str,
     index: ServiceIndex | None = None,
-    client: IPv4Address = DEFAULT_CLIENT,
+    client: IPAddress = DEFAULT_CLIENT,
+    others: Sequence[Ruleset] = (),
 ) -> ServiceExplanation:
-    """Every address:port on which service ``ref`` (namespace/name) answers on this node, and
-    the outcomes (endpoints with their probabilities) behind each, traced from ``client``."""
+    """Every address:port of ``ruleset``'s family on which service ``ref`` (namespace/name)
+    answers on this node, and the outcomes (endpoints with their probabilities) behind each,
+    traced from ``client``. ``others``: the other families' rules, to say that the service
+    answers there too."""
     notes = list(ruleset.notes)
     addresses, node_ports = candidates(ruleset, ref)
-    named_ports = index.of_service(ref) if index is not None else []
+    named_ports = index.of_service(ref, ruleset.family) if index is not None else []
     for named in named_ports:
         protocol = PROTOCOLS[named.port.port.protocol.lower]
         for address in (named.port.cluster_ip, *named.port.external_addresses):
-            if isinstance(address, IPv4Address):
+            if IPFamily.of(address) is ruleset.family:
                 addresses.add((address, protocol, named.port.port.port))
         if named.port.port.node_port is not None:
             node_ports.add((protocol, named.port.port.node_port))
@@ -863,7 +957,13 @@ def explain_service(
             )
         )
     order = {"ClusterIP": 0, "externalIP": 1, "LoadBalancer IP": 2, "external IP": 3}
-    entries.sort(key=lambda e: (order.get(e.via, 5), e.port, IPv4Address(e.address), e.protocol))
+    entries.sort(
+        key=lambda e: (order.get(e.via, 5), e.port, ipaddress.ip_address(e.address), e.protocol)
+    )
+    for other in others:
+        if any(candidates(other, ref)):
+            family = other.family.value
+            notes.append(f"{ref} has {family} addresses too: trace them with an {family} --src")
     return ServiceExplanation(
         node=node_name,
         mode=ruleset.mode,
@@ -953,67 +1053,92 @@ def health(address: str = DEFAULT_HEALTHZ, timeout: float = 3.0) -> Health:
     )
 
 
-_DNAT_TO = re.compile(r"dnat (?:ip )?to (\S+)")
 _REJECT_CHAIN = Verdict("goto", "reject-chain")
 
 
-def count(ruleset: Ruleset) -> Counts:
-    """How much of kpgen's layout a ruleset holds (docs/design.md), from the rules' text."""
-    services: set[str] = set()
-    service_ports = addresses = node_ports = rejected = endpoints = 0
-    if ruleset.mode == "nftables":
-        targets: dict[str, set[str]] = {}
-        for chain in ruleset.chains.values():
-            found = _NFT_PORT_CHAIN.match(chain.name)
-            if found is None:
-                continue
-            key = found.group("key")
-            if found.group("kind") == "service":
-                service_ports += 1
-                services.add("/".join(key.split("/")[:2]))
-            dnats = {m.group(1) for text in chain.sources for m in _DNAT_TO.finditer(text)}
-            targets.setdefault(key, set()).update(dnats)
-        maps = ruleset.sets
-        addresses = len(maps["service-ips"].elements) if "service-ips" in maps else 0
-        node_ports = len(maps["service-nodeports"].elements) if "service-nodeports" in maps else 0
-        for name in ("no-endpoint-services", "no-endpoint-nodeports"):
-            elements = maps[name].elements if name in maps else []
-            rejected += sum(e.verdict == _REJECT_CHAIN for e in elements)
-        endpoints = sum(len(found) for found in targets.values())
-        return Counts(len(services), service_ports, endpoints, addresses, node_ports, rejected)
+def count(*rulesets: Ruleset) -> Counts:
+    """How much of kpgen's layout the rules hold (docs/design.md), read into the model;
+    service ports, endpoints and addresses summed over the families' rulesets."""
+    services: set[str] = set()  # namespace/name
+    total = Counts(0, 0, 0, 0, 0, 0)
+    for ruleset in rulesets:
+        if ruleset.mode == ProxyMode.NFTABLES.value:
+            _count_nft(ruleset, services, total)
+        else:
+            _count_iptables(ruleset, services, total)
+    total.services = len(services)
+    return total
+
+
+def _count_nft(ruleset: Ruleset, services: set[str], total: Counts) -> None:
+    targets: dict[str, set[Dnat]] = {}  # service port -> its endpoints
     for chain in ruleset.chains.values():
-        if chain.name.startswith("KPGEN-SVC-"):
-            service_ports += 1
-        elif chain.name.startswith("KPGEN-SEP-"):
-            endpoints += 1
-        for text in chain.sources:
-            label = _IPT_LABEL.match(_comment(text) or "")
+        found = _NFT_PORT_CHAIN.match(chain.name)
+        if found is None:
+            continue
+        key = found.group("key")
+        if found.group("kind") == "service":
+            total.service_ports += 1
+            services.add("/".join(key.split("/")[:2]))
+        dnats = {s for rule in chain.rules for s in rule.statements if isinstance(s, Dnat)}
+        targets.setdefault(key, set()).update(dnats)
+    total.endpoints += sum(len(found) for found in targets.values())
+    maps = ruleset.sets
+    total.addresses += len(maps["service-ips"].elements) if "service-ips" in maps else 0
+    total.node_ports += (
+        len(maps["service-nodeports"].elements) if "service-nodeports" in maps else 0
+    )
+    for name in ("no-endpoint-services", "no-endpoint-nodeports"):
+        elements = maps[name].elements if name in maps else []
+        total.rejected += sum(e.verdict == _REJECT_CHAIN for e in elements)
+
+
+def _count_iptables(ruleset: Ruleset, services: set[str], total: Counts) -> None:
+    for chain in ruleset.chains.values():
+        if chain.name.startswith(f"{IPT_PREFIX}SVC-"):
+            total.service_ports += 1
+        elif chain.name.startswith(f"{IPT_PREFIX}SEP-"):
+            total.endpoints += 1
+        entry = chain.table == "nat" and chain.name in (
+            f"{IPT_PREFIX}SERVICES",
+            f"{IPT_PREFIX}NODEPORTS",
+        )
+        if not entry and chain.table != "filter":
+            continue  # the rules of the other chains are not counted: not read
+        for rule in chain.rules:
+            label = _IPT_LABEL.match(rule.comment or "")
             if label is None:
                 continue
-            if chain.table == "nat" and chain.name == "KPGEN-SERVICES":
+            if chain.table == "nat" and chain.name == f"{IPT_PREFIX}SERVICES":
                 services.add(label.group("key").split(":")[0])
-                addresses += 1
-            elif chain.table == "nat" and chain.name == "KPGEN-NODEPORTS":
-                node_ports += 1
-            elif chain.table == "filter" and label.group("rest") == " has no endpoints":
-                rejected += 1
-    return Counts(len(services), service_ports, endpoints, addresses, node_ports, rejected)
+                total.addresses += 1
+            elif chain.table == "nat":
+                total.node_ports += 1
+            elif label.group("rest") == " has no endpoints":
+                total.rejected += 1
 
 
 def status(healthz: str = DEFAULT_HEALTHZ, iptables_backend: str = "auto") -> Status:
-    """What kpgen has loaded in this network namespace, and how ``kpgen run`` is doing."""
+    """What kpgen has loaded in this network namespace (every family), and how ``kpgen run``
+    is doing."""
     problems = []
-    found = loaded_rules(None, iptables_backend)
     mode = rules = None
     counts = None
-    if len(found) > 1:
-        problems.append("rules of both modes are loaded: " + ", ".join(f.where for f in found))
-    if found:
-        first = found[0]
-        mode, rules = first.mode, first.where
-        counts = count(parse_rules(first.text, first.mode, "kernel"))
-    else:
-        problems.append("no kpgen rules are loaded in this network namespace")
+    try:
+        found = loaded_rules(None, iptables_backend)
+        if len(found) > 1:
+            problems.append(
+                "rules of both modes are loaded: " + ", ".join(f.where() for f in found)
+            )
+        if found:
+            first = found[0]
+            families = first.families()
+            mode, rules = first.mode, ", ".join(first.where(f) for f in families)
+            counts = count(*(first.ruleset(f) for f in families))
+        else:
+            problems.append("no kpgen rules are loaded in this network namespace")
+    except ExplainError as error:
+        problems.append(str(error))
     state = health(healthz)
     return Status(mode, rules, counts, state, problems)
 

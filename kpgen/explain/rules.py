@@ -1,10 +1,16 @@
-"""Rule text parsed for ``kpgen explain``: nftables and iptables rulesets as chains of rules.
+"""Rules read for ``kpgen explain``: nftables and iptables rulesets as chains of rules.
 
-Both spellings of each ruleset are read: the text kpgen renders (what ``apply`` loads) and what
-the kernel lists back (``nft list table ip kpgen``, ``iptables-save``), which differ in form
-(``meta mark set meta mark | 0x00004000``, set elements several to a line, ``reject with tcp
-reset`` without its implied ``meta l4proto tcp``; ``-d 10.0.0.1/32``, ``--probability
-0.50000000000``, matches reordered, ``MARK --set-xmark``).
+One model (:class:`Ruleset` of :class:`Chain` of :class:`Rule`, sets and maps as
+:class:`ElementSet`) for one IP family's rules, and the readers that fill it:
+
+- nftables rule text, as kpgen renders it (what ``apply`` loads; ``nft list`` spellings such
+  as ``meta mark set meta mark | 0x00004000`` are read too). The kernel's rules are read as
+  libnftables JSON instead (kpgen/explain/nft_json.py): ``nft list`` text changes between nft
+  versions;
+- iptables-restore input (rendered) and ``iptables-save`` output (from the kernel), split into
+  tables, chains and rule specs by :func:`kpgen.dataplane.kernel.read_iptables_save`; each
+  spec is read here (``-d 10.0.0.1/32``, ``--probability 0.50000000000``, matches reordered,
+  ``MARK --set-xmark`` are the kernel's spellings).
 
 A rule becomes a list of matches and a list of statements over a few packet fields. Only the
 constructs kpgen's templates produce are understood; any other rule is kept with an ``error``,
@@ -20,9 +26,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import cached_property
+from typing import Any
 
-IPv4Address = ipaddress.IPv4Address
-IPv4Network = ipaddress.IPv4Network
+from kpgen.core.model import IPAddress, IPFamily, IPNetwork
+from kpgen.core.names import IPT_PREFIX
+from kpgen.dataplane.kernel import read_iptables_save
 
 PROTOCOLS = {"icmp": 1, "tcp": 6, "udp": 17, "sctp": 132}
 PROTOCOL_NAMES = {number: name for name, number in PROTOCOLS.items()}
@@ -36,9 +44,14 @@ class RuleSyntaxError(Exception):
     """Rule text that cannot be read at all (not one rule: the structure around it)."""
 
 
+class Unknown(Exception):
+    """A construct in a rule that kpgen's templates do not make: the rule cannot be
+    evaluated (its ``error``)."""
+
+
 # --- what a rule is made of -----------------------------------------------------------------
 
-# The packet fields a match can look at. Address fields hold IPv4Address, ``l4proto`` and
+# The packet fields a match can look at. Address fields hold an IPAddress, ``l4proto`` and
 # ports ints, ``mark`` an int (masked), ``ct_state``/``ct_status`` sets of flag names,
 # ``fib_daddr``/``fib_saddr`` an address type ("local" or "unicast"), ``numgen`` a random
 # number below ``modulus``.
@@ -71,7 +84,8 @@ class Selector:
 
 
 # A value a field is compared with: one address or network, a range, a number, a name.
-Pattern = IPv4Network | tuple[str, object, object] | int | str
+Pattern = IPNetwork | tuple[str, object, object] | int | str
+NETWORKS = (ipaddress.IPv4Network, ipaddress.IPv6Network)
 
 
 def parse_pattern(text: str, kind: str) -> Pattern:
@@ -79,9 +93,9 @@ def parse_pattern(text: str, kind: str) -> Pattern:
     text = text.strip()
     if kind == "addr":
         if "-" in text and "/" not in text:
-            low, high = (IPv4Address(part) for part in text.split("-", 1))
+            low, high = (ipaddress.ip_address(part.strip()) for part in text.split("-", 1))
             return ("range", low, high)
-        return IPv4Network(text, strict=False)
+        return ipaddress.ip_network(text, strict=False)
     if kind == "proto":
         lowered = text.lower()
         return PROTOCOLS[lowered] if lowered in PROTOCOLS else int(lowered, 0)
@@ -96,11 +110,14 @@ def parse_pattern(text: str, kind: str) -> Pattern:
 
 def pattern_matches(pattern: Pattern, value: object) -> bool:
     """Whether a packet's field ``value`` is matched by ``pattern``."""
-    if isinstance(pattern, IPv4Network):
-        return isinstance(value, IPv4Address) and value in pattern
+    if isinstance(pattern, NETWORKS):
+        return value in pattern  # False for another family's address
     if isinstance(pattern, tuple):
         _, low, high = pattern
-        return bool(low <= value <= high)  # type: ignore[operator]
+        try:
+            return bool(low <= value <= high)  # type: ignore[operator]
+        except TypeError:  # another family's address
+            return False
     if isinstance(value, frozenset):
         return pattern in value
     return pattern == value
@@ -108,8 +125,8 @@ def pattern_matches(pattern: Pattern, value: object) -> bool:
 
 def exact_key(pattern: Pattern) -> object | None:
     """The hashable value that alone matches ``pattern``, or None (a network, a range)."""
-    if isinstance(pattern, IPv4Network):
-        return pattern.network_address if pattern.prefixlen == 32 else None
+    if isinstance(pattern, NETWORKS):
+        return pattern.network_address if pattern.prefixlen == pattern.max_prefixlen else None
     if isinstance(pattern, tuple):
         return None
     return pattern
@@ -134,7 +151,10 @@ def _exact_text(component: str, kind: str) -> str | None:
     """How a packet's value of ``kind`` is spelled when ``component`` alone matches it (an
     address, a protocol, a number); None for a network or a range."""
     if kind == "addr":
-        return None if "/" in component or "-" in component else component
+        if "/" in component or "-" in component:
+            return None
+        # an IPv6 address is spelled in more than one way: as Python prints it
+        return str(ipaddress.ip_address(component)) if ":" in component else component
     if kind == "proto":
         lowered = component.lower()
         return PROTOCOL_NAMES.get(int(lowered), lowered) if lowered.isdigit() else lowered
@@ -157,15 +177,17 @@ class ElementSet:
     """A named or anonymous set or map.
 
     The elements of a named set are read when it is first looked into (``pending`` holds their
-    text until then), and those that are one value are indexed by their text: a walk reads
-    only the sets it needs, and a lookup among 100,000 elements costs no address parsing. An
-    element that cannot be read is kept in ``errors``."""
+    text, or their libnftables JSON, until then; ``reader`` reads one), and those that are one
+    value are indexed by their text: a walk reads only the sets it needs, and a lookup among
+    100,000 IPv4 elements costs no address parsing. An element that cannot be read is kept in
+    ``errors``."""
 
     name: str
     kinds: tuple[str, ...]
     is_map: bool = False
     dynamic: bool = False  # filled by the packets (session affinity), not by the rules
-    pending: list[str] = field(default_factory=list, repr=False)
+    pending: list[Any] = field(default_factory=list, repr=False)
+    reader: Callable[[ElementSet, Any], Element] | None = field(default=None, repr=False)
     errors: list[str] = field(default_factory=list)
     _elements: list[Element] = field(default_factory=list, repr=False)
     _exact: dict[tuple[str, ...], Element] = field(default_factory=dict, repr=False)
@@ -178,15 +200,20 @@ class ElementSet:
 
     def _load(self) -> None:
         pending, self.pending = self.pending, []
-        for text in pending:
-            words = _nft_words(text) if '"' in text else text.split()
+        read = self.reader or _text_element
+        for item in pending:
             try:
-                self.add(_element(words, self.kinds, self.is_map))
+                element = read(self, item)
             except RuleSyntaxError as error:
                 self.errors.append(str(error))
+                continue
+            try:
+                self.add(element)
+            except (ValueError, KeyError):
+                self.errors.append(f"cannot read the element {element.text!r}")
 
     def add(self, element: Element) -> None:
-        self._elements.append(element)
+        """Add ``element``; ValueError or KeyError (not added) when it cannot be read."""
         try:
             spelled = [
                 _exact_text(c, k) for c, k in zip(element.components, self.kinds, strict=True)
@@ -198,6 +225,7 @@ class ElementSet:
             self._other.append(element)
         else:
             self._exact.setdefault(tuple(s for s in spelled if s is not None), element)
+        self._elements.append(element)
 
     def lookup(self, values: tuple[object, ...]) -> Element | None:
         """The element matching a packet's ``values`` (the first, as the kernel's)."""
@@ -260,7 +288,7 @@ class SetMark:
 
 @dataclass(frozen=True)
 class Dnat:
-    address: IPv4Address
+    address: IPAddress
     port: int | None
 
 
@@ -284,6 +312,45 @@ class Remember:
 
 Statement = Verdict | VerdictMap | SetMark | Dnat | Masquerade | Reject | Remember
 
+MARK_BITS = 0xFFFFFFFF
+MARK_OPS = {"or": "|", "|": "|", "xor": "^", "^": "^", "and": "&", "&": "&"}  # word -> symbol
+
+
+def protocol_match(name: str) -> Match:
+    """``meta l4proto NAME``: what ``tcp dport`` or ``reject with tcp reset`` imply."""
+    return Match((Selector("l4proto"),), (PROTOCOLS[name],))
+
+
+def mark_statement(op: str | None, value: int) -> SetMark:
+    """``meta mark set meta mark OP VALUE`` (``or``/``|``, ``xor``/``^``, ``and``/``&``), or
+    with ``op`` None ``meta mark set VALUE``."""
+    if op is None:
+        return SetMark(value, MARK_BITS)
+    symbol = MARK_OPS.get(op)
+    if symbol == "|":
+        return SetMark(value, value)
+    if symbol == "^":
+        return SetMark(value, 0)
+    if symbol == "&":
+        return SetMark(0, ~value & MARK_BITS)
+    raise Unknown(f"meta mark set with the operator {op}")
+
+
+def reject_statement(how: str, matches: list[Match | Chance]) -> Reject:
+    """``reject with HOW``: ``tcp reset``, or a port unreachable (``icmp port-unreachable``,
+    ``icmpv6 ...``, ``icmpx ...``, the default of a plain ``reject``). A TCP reset only
+    applies to TCP: nft adds the dependency ``meta l4proto tcp`` and lists the rule without
+    it, so the match is added to ``matches`` when it is not there."""
+    if how == "tcp reset":
+        tcp = protocol_match("tcp")
+        if tcp not in matches:
+            matches.append(tcp)
+        return Reject("tcp reset")
+    family, _, code = how.partition(" ")
+    if family in ("icmp", "icmpv6", "icmpx") and code == "port-unreachable":
+        return Reject("icmp port-unreachable")
+    raise Unknown(f"reject with {how}")
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -299,17 +366,18 @@ class Rule:
 
 @dataclass
 class Chain:
-    """A chain: the text of its rules, read into :class:`Rule` when a packet first enters it
-    (``reader``), so that a walk reads only the chains it goes through."""
+    """A chain: its rules as written (text, or libnftables JSON), read into :class:`Rule`
+    when a packet first enters it (``reader``), so that a walk reads only the chains it goes
+    through."""
 
     name: str
     table: str  # nft: "ip kpgen"; iptables: "nat", "filter"
-    sources: list[str] = field(default_factory=list)
+    sources: list[Any] = field(default_factory=list)  # each rule's text, or its nft JSON
     hook: str | None = None
     priority: int = 0
     policy: str = "accept"
     kind: str | None = None  # base chains: nat, filter
-    reader: Callable[[str, str], Rule] | None = None
+    reader: Callable[[str, Any], Rule] | None = None
     _rules: list[Rule] | None = field(default=None, repr=False)
 
     @property
@@ -335,10 +403,13 @@ def chain_key(table: str, name: str) -> str:
 
 @dataclass
 class Ruleset:
-    """One ruleset, either mode: chains, sets and maps, and the base chains of each hook."""
+    """One IP family's rules, either mode: chains, sets and maps, and the base chains of each
+    hook (an IPv4 packet meets the ``ip`` table or iptables, an IPv6 one ``ip6`` or
+    ip6tables)."""
 
     mode: str  # nftables, iptables
     origin: str  # rendered, kernel
+    family: IPFamily
     chains: dict[str, Chain] = field(default_factory=dict)
     sets: dict[str, ElementSet] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # what was left out, and why
@@ -360,9 +431,10 @@ class Ruleset:
 
 _NFT_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[{},;]|[^\s{},;]+')
 _BRACE = re.compile(r'"(?:[^"\\]|\\.)*"|[{}]')
-_VERDICT_WORDS = ("jump", "goto", "return", "accept", "drop", "continue")
-_SET_TYPES = {"ipv4_addr": "addr", "inet_proto": "proto", "inet_service": "port", "mark": "int",
-              "ct_state": "flags", "ct_status": "flags"}  # fmt: skip
+VERDICT_WORDS = ("jump", "goto", "return", "accept", "drop", "continue")
+SET_TYPES = {"ipv4_addr": "addr", "ipv6_addr": "addr", "inet_proto": "proto",
+             "inet_service": "port", "mark": "int", "ct_state": "flags",
+             "ct_status": "flags"}  # fmt: skip
 _OPENING = re.compile(r"^(table|chain|set|map) (?:(\S+) )?(\S+) \{$")
 
 
@@ -396,10 +468,10 @@ class _NftParser:
     and maps (their elements' text). Rendered text and the kernel's listing differ in layout
     (elements one to a line or several), not in this structure."""
 
-    def __init__(self, text: str, origin: str) -> None:
+    def __init__(self, text: str, origin: str, family: IPFamily) -> None:
         self.lines = [_strip_comment(line).strip() for line in text.splitlines()]
         self.index = 0
-        self.ruleset = Ruleset("nftables", origin)
+        self.ruleset = Ruleset("nftables", origin, family)
 
     def line(self) -> str | None:
         """The next non-empty line, and with it the lines its open braces take."""
@@ -457,8 +529,9 @@ class _NftParser:
                 sets[element_set.name] = element_set
             elif not text.startswith(("comment ", "flags ")):
                 raise RuleSyntaxError(f"line {self.index}: unexpected {text!r} in table {name}")
-        if family != "ip":  # IPv4 packets never see an ip6 table
-            self.ruleset.notes.append(f"table {name} was left out: explain walks IPv4")
+        wanted = self.ruleset.family
+        if family != wanted.nft_family:  # an IPv4 packet never sees an ip6 table, and back
+            self.ruleset.notes.append(f"table {name} was left out: explain walks {wanted.value}")
             return
         self.ruleset.chains.update(chains)
         self.ruleset.sets.update(sets)
@@ -499,7 +572,7 @@ class _NftParser:
                 words = statement.split()
                 if words[:1] == ["type"]:
                     key_types = words[1 : words.index(":")] if ":" in words else words[1:]
-                    kinds = tuple(_SET_TYPES.get(w, "str") for w in key_types if w != ".")
+                    kinds = tuple(SET_TYPES.get(w, "str") for w in key_types if w != ".")
                     element_set.kinds = kinds
                 elif words[:1] == ["flags"]:
                     element_set.dynamic = "dynamic" in "".join(words[1:]).split(",")
@@ -525,6 +598,12 @@ def _split_top(text: str) -> list[str]:
 
 
 _ELEMENT_ATTRIBUTES = ("timeout", "expires", "comment")  # each with a value
+
+
+def _text_element(element_set: ElementSet, text: str) -> Element:
+    """One element of an nft set or map, from its text."""
+    words = _nft_words(text) if '"' in text else text.split()
+    return _element(words, element_set.kinds, element_set.is_map)
 
 
 def _element(tokens: list[str], kinds: tuple[str, ...], is_map: bool) -> Element:
@@ -554,16 +633,29 @@ def _element(tokens: list[str], kinds: tuple[str, ...], is_map: bool) -> Element
 def _verdict(words: list[str]) -> Verdict | None:
     if words and words[0] in ("jump", "goto") and len(words) == 2:
         return Verdict(words[0], words[1])
-    if len(words) == 1 and words[0] in _VERDICT_WORDS[2:]:
+    if len(words) == 1 and words[0] in VERDICT_WORDS[2:]:
         return Verdict(words[0])
     return None
 
 
-class _Unknown(Exception):
-    """A construct kpgen's templates do not make (the rule cannot be evaluated)."""
+def hostport(address: object, port: int) -> str:
+    """``10.0.0.1:80``, ``[fd00::1]:80``: how nft, iptables and explain write a destination."""
+    return f"[{address}]:{port}" if ":" in str(address) else f"{address}:{port}"
 
 
-_MARK_OPS = {"or": "|", "|": "|", "xor": "^", "^": "^", "and": "&", "&": "&"}
+def dnat_to(target: str) -> Dnat:
+    """``ADDRESS``, ``ADDRESS:PORT`` or ``[IPV6-ADDRESS]:PORT``, as nft's ``dnat to`` and
+    iptables' ``--to-destination`` write it."""
+    address, port = target, ""
+    if target.startswith("["):
+        address, _, port = target[1:].partition("]")
+        port = port.removeprefix(":")
+    elif target.count(":") == 1:
+        address, _, port = target.partition(":")
+    try:
+        return Dnat(ipaddress.ip_address(address), int(port) if port else None)
+    except ValueError:
+        raise Unknown(f"the DNAT target {target}") from None
 
 
 class _RuleReader:
@@ -581,7 +673,7 @@ class _RuleReader:
 
     def take(self) -> str:
         if self.pos >= len(self.words):
-            raise _Unknown("the rule ends early")
+            raise Unknown("the rule ends early")
         word = self.words[self.pos]
         self.pos += 1
         return word
@@ -590,7 +682,7 @@ class _RuleReader:
         while self.pos < len(self.words):
             word = self.peek()
             assert word is not None
-            if word in _VERDICT_WORDS:
+            if word in VERDICT_WORDS:
                 self.take()
                 target = self.take() if word in ("jump", "goto") else None
                 self.statements.append(Verdict(word, target))
@@ -621,27 +713,22 @@ class _RuleReader:
 
     def dnat(self) -> None:
         self.take()
-        if self.peek() == "ip":
+        if self.peek() in ("ip", "ip6"):
             self.take()
         if self.take() != "to":
-            raise _Unknown("dnat without 'to'")
-        target = self.take()
-        address, _, port = target.partition(":")
-        try:
-            self.statements.append(Dnat(IPv4Address(address), int(port) if port else None))
-        except ValueError:
-            raise _Unknown(f"dnat to {target}") from None
+            raise Unknown("dnat without 'to'")
+        self.statements.append(dnat_to(self.take()))
 
     def remember(self) -> None:
         self.take()
         name = self.take()[1:]
         if self.take() != "{":
-            raise _Unknown(f"update @{name} without {{ KEY }}")
+            raise Unknown(f"update @{name} without {{ KEY }}")
         key = []
         while (word := self.take()) != "}":
             key.append(word)
-        if key not in (["ip", "saddr"], ["ip", "saddr", "timeout", *key[3:]]):
-            raise _Unknown(f"update @{name} {{ {' '.join(key)} }}")
+        if key[:2] not in (["ip", "saddr"], ["ip6", "saddr"]) or key[2:3] not in ([], ["timeout"]):
+            raise Unknown(f"update @{name} {{ {' '.join(key)} }}")
         self.statements.append(Remember(name))
 
     def reject(self) -> None:
@@ -651,50 +738,31 @@ class _RuleReader:
             return
         self.take()
         how = [self.take()]
-        while self.peek() is not None and self.peek() not in _VERDICT_WORDS:
+        while self.peek() is not None and self.peek() not in VERDICT_WORDS:
             how.append(self.take())
-        spelled = " ".join(how)
-        if spelled == "tcp reset":
-            # nft adds the dependency 'meta l4proto tcp' and lists it without it
-            tcp = Match((Selector("l4proto"),), (PROTOCOLS["tcp"],))
-            if tcp not in self.matches:
-                self.matches.append(tcp)
-            self.statements.append(Reject("tcp reset"))
-        elif spelled in ("icmp port-unreachable", "icmp type port-unreachable"):
-            self.statements.append(Reject("icmp port-unreachable"))
-        else:
-            raise _Unknown(f"reject with {spelled}")
+        spelled = " ".join(word for word in how if word != "type")  # icmp type port-unreachable
+        self.statements.append(reject_statement(spelled, self.matches))
 
     def set_mark(self) -> None:
         self.pos += 3  # meta mark set
+        op = None
         if self.peek() == "meta" and self.peek(1) == "mark":
             self.pos += 2
-            op = _MARK_OPS.get(self.take())
-            value = _int(self.take())
-            if op == "|":
-                self.statements.append(SetMark(value, value))
-            elif op == "^":
-                self.statements.append(SetMark(value, 0))
-            elif op == "&":
-                self.statements.append(SetMark(0, ~value & 0xFFFFFFFF))
-            else:
-                raise _Unknown("meta mark set with an unknown operator")
-        else:
-            self.statements.append(SetMark(_int(self.take()), 0xFFFFFFFF))
+            op = self.take()
+        self.statements.append(mark_statement(op, _int(self.take())))
 
     def selector(self) -> tuple[Selector, list[Match]]:
         """One field, and the matches it implies (``tcp dport`` implies protocol tcp)."""
         word = self.take()
         following = self.take()
-        if word == "ip" and following in ("saddr", "daddr"):
+        if word in ("ip", "ip6") and following in ("saddr", "daddr"):
             return Selector(following), []
         if (word, following) in (("ip", "protocol"), ("meta", "l4proto")):
             return Selector("l4proto"), []
         if word == "th" and following in ("dport", "sport"):
             return Selector(following), []
         if word in ("tcp", "udp", "sctp") and following in ("dport", "sport"):
-            implied = Match((Selector("l4proto"),), (PROTOCOLS[word],))
-            return Selector(following), [implied]
+            return Selector(following), [protocol_match(word)]
         if word == "meta" and following == "mark":
             mask = None
             if self.peek() == "&":
@@ -705,16 +773,16 @@ class _RuleReader:
             return Selector(f"ct_{following}"), []
         if word == "numgen" and following == "random":
             if self.take() != "mod":
-                raise _Unknown("numgen without mod")
+                raise Unknown("numgen without mod")
             modulus = _int(self.take())
             if self.peek() == "offset":
-                raise _Unknown("numgen with an offset")
+                raise Unknown("numgen with an offset")
             return Selector("numgen", modulus=modulus), []
         if word == "fib" and following in ("daddr", "saddr"):
             if self.take() != "type":
-                raise _Unknown(f"fib {following} other than type")
+                raise Unknown(f"fib {following} other than type")
             return Selector(f"fib_{following}"), []
-        raise _Unknown(f"{word} {following}")
+        raise Unknown(f"{word} {following}")
 
     def match(self) -> None:
         implied: list[Match] = []
@@ -736,7 +804,7 @@ class _RuleReader:
                 anonymous = self.anonymous(tuple(key), is_map=True)
                 self.statements.append(VerdictMap(tuple(key), anonymous=anonymous))
             else:
-                raise _Unknown(f"vmap {target}")
+                raise Unknown(f"vmap {target}")
             return
         negate = False
         if word in ("!=", "=="):
@@ -749,11 +817,11 @@ class _RuleReader:
             self.matches.append(Match(tuple(key), anonymous=anonymous, negate=negate))
         else:
             if len(key) != 1:
-                raise _Unknown("a concatenation compared with a value")
+                raise Unknown("a concatenation compared with a value")
             try:
                 pattern = _value(word, key[0])
             except (ValueError, KeyError):
-                raise _Unknown(f"the value {word}") from None
+                raise Unknown(f"the value {word}") from None
             self.matches.append(Match(tuple(key), (pattern,), negate=negate))
 
     def anonymous(self, key: tuple[Selector, ...], is_map: bool) -> ElementSet:
@@ -771,7 +839,7 @@ class _RuleReader:
         element_set.pending = _split_top(" ".join(words).replace(" , ", ", "))
         element_set.elements  # noqa: B018  (read now: a bad element makes the rule unknown)
         if element_set.errors:
-            raise _Unknown(element_set.errors[0])
+            raise Unknown(element_set.errors[0])
         return element_set
 
 
@@ -779,7 +847,7 @@ def _int(word: str) -> int:
     try:
         return int(word, 0)
     except ValueError:
-        raise _Unknown(f"{word} is not a number") from None
+        raise Unknown(f"{word} is not a number") from None
 
 
 def _value(word: str, selector: Selector) -> Pattern:
@@ -794,7 +862,7 @@ def parse_nft_rule(chain: str, text: str) -> Rule:
     reader = _RuleReader(words)
     try:
         reader.read()
-    except _Unknown as error:
+    except Unknown as error:
         return Rule(chain, text, error=str(error))
     comment = None
     if "comment" in words:
@@ -803,9 +871,10 @@ def parse_nft_rule(chain: str, text: str) -> Rule:
     return Rule(chain, text, tuple(reader.matches), tuple(reader.statements), comment=comment)
 
 
-def parse_nft(text: str, origin: str = "rendered") -> Ruleset:
-    """An nft ruleset (a rendered table, or ``nft list table``'s output)."""
-    return _NftParser(text, origin).parse()
+def parse_nft(text: str, origin: str = "rendered", family: IPFamily = IPFamily.V4) -> Ruleset:
+    """The ``family`` table of an nft ruleset's text (as rendered, or as ``nft list table``
+    prints it)."""
+    return _NftParser(text, origin, family).parse()
 
 
 # --- iptables ---------------------------------------------------------------------------------
@@ -821,8 +890,9 @@ BUILTIN = {
     ("filter", "OUTPUT"): ("output", 0),
 }
 TABLES = ("nat", "filter")
-IPT_PREFIX = "KPGEN-"
-_REJECT_WITH = {"tcp-reset": "tcp reset", "icmp-port-unreachable": "icmp port-unreachable"}
+_REJECT_WITH = {"tcp-reset": "tcp reset", "icmp-port-unreachable": "icmp port-unreachable",
+                "icmp6-port-unreachable": "icmp port-unreachable"}  # fmt: skip
+_HOST_MASKS = (IPFamily.V4.host_mask, IPFamily.V6.host_mask)
 
 
 _IPT_WORD = re.compile(r'"((?:[^"\\]|\\.)*)"|(\S+)')
@@ -835,69 +905,44 @@ def _ipt_words(line: str) -> list[str]:
 
 
 def read_iptables_line(chain: str, line: str) -> Rule:
-    """A rule from its ``-A CHAIN ...`` (or ``-I CHAIN [N] ...``) line."""
-    words = _ipt_words(line)[2:]
-    if line.startswith("-I") and words and words[0].isdigit():
-        words = words[1:]
-    return parse_iptables_rule(chain, words, line)
+    """A rule from its ``-A CHAIN SPEC`` (or ``-I CHAIN SPEC``) line."""
+    return parse_iptables_rule(chain, _ipt_words(line)[2:], line)
 
 
-def parse_iptables(text: str, origin: str = "rendered", prefix: str = IPT_PREFIX) -> Ruleset:
-    """iptables-restore input (rendered) or ``iptables-save`` output (from the kernel).
+def parse_iptables(
+    text: str, origin: str = "rendered", family: IPFamily = IPFamily.V4, prefix: str = IPT_PREFIX
+) -> Ruleset:
+    """``family``'s iptables-restore input (rendered) or ``iptables-save`` output (from the
+    kernel), split by :func:`kpgen.dataplane.kernel.read_iptables_save`.
 
     Only the ``nat`` and ``filter`` tables and chains named ``prefix…`` are read; in the
     built-in chains only the rules that lead into them (any other is noted as ignored). A
-    chain's rules are read when a packet first enters it.
+    rule keeps the spelling of its line (``-A CHAIN SPEC``, or ``-I`` where the input inserts
+    it); a chain's rules are read when a packet first enters it.
     """
-    ruleset = Ruleset("iptables", origin)
-    table: str | None = None
+    ruleset = Ruleset("iptables", origin, family)
     ignored: dict[str, int] = {}
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("*"):
-            table = line[1:].strip()
-            continue
-        if line == "COMMIT":
-            table = None
-            continue
-        if table is None:
-            raise RuleSyntaxError(f"line {number}: a rule outside a table: {line!r}")
+    for table, saved in read_iptables_save(text).items():
         if table not in TABLES:
             continue
-        if line.startswith(":"):
-            name, policy = [*line[1:].split(), "-"][:2]
-            _ipt_chain(ruleset, table, name).policy = "accept" if policy == "-" else policy.lower()
-            continue
-        command, _, rest = line.partition(" ")
-        name = rest.split(" ", 1)[0]
-        if command == "-X" and name == rest:
-            ruleset.chains.pop(chain_key(table, name), None)
-            continue
-        if command == "-F" and name == rest:
-            _ipt_chain(ruleset, table, name).sources.clear()
-            continue
-        if command not in ("-A", "-I") or not name:
-            raise RuleSyntaxError(f"line {number}: cannot read {line!r}")
-        builtin = (table, name) in BUILTIN
-        if not name.startswith(prefix) and not builtin:
-            continue
-        target = _IPT_TARGET.search(line)
-        if builtin and not (target and target.group(1).startswith(prefix)):
-            key = f"{table} {name}"
-            ignored[key] = ignored.get(key, 0) + 1
-            continue
-        chain = _ipt_chain(ruleset, table, name)
-        if command == "-A":
-            chain.sources.append(line)
-        else:
-            position = rest.split()[1] if len(rest.split()) > 1 else ""
-            chain.sources.insert(int(position) - 1 if position.isdigit() else 0, line)
-        if "-m recent" in line:
-            for recent in re.findall(r"--name (\S+)", line):
-                key = f"recent:{recent}"
-                ruleset.sets.setdefault(key, ElementSet(key, ("addr",), dynamic=True))
+        for name, specs in saved.chains.items():
+            builtin = (table, name) in BUILTIN
+            if not name.startswith(prefix) and not builtin:
+                continue
+            chain = _ipt_chain(ruleset, table, name)
+            chain.policy = saved.policies.get(name, "accept").lower()
+            for spec in specs:
+                target = _IPT_TARGET.search(spec)
+                if builtin and not (target and target.group(1).startswith(prefix)):
+                    key = f"{table} {name}"
+                    ignored[key] = ignored.get(key, 0) + 1
+                    continue
+                command = "-I" if (name, spec) in saved.inserted else "-A"
+                chain.sources.append(f"{command} {name} {spec}")
+                if "-m recent" in spec:
+                    for recent in re.findall(r"--name (\S+)", spec):
+                        key = f"recent:{recent}"
+                        ruleset.sets.setdefault(key, ElementSet(key, ("addr",), dynamic=True))
     for key, count in sorted(ignored.items()):
         ruleset.notes.append(f"{count} rule(s) in {key} not made by kpgen were not evaluated")
     return ruleset
@@ -933,7 +978,7 @@ def parse_iptables_rule(chain: str, spec: list[str], text: str) -> Rule:
         try:
             return next(words)
         except StopIteration:
-            raise _Unknown("an option without its value") from None
+            raise Unknown("an option without its value") from None
 
     def add(selector: Selector, pattern: Pattern) -> None:
         nonlocal negate
@@ -953,7 +998,7 @@ def parse_iptables_rule(chain: str, spec: list[str], text: str) -> Rule:
                 modules.add(value())
             elif word in ("--dport", "--destination-port", "--sport", "--source-port"):
                 if not modules & {"tcp", "udp", "sctp"}:
-                    raise _Unknown(f"{word} without -m tcp/udp/sctp")
+                    raise Unknown(f"{word} without -m tcp/udp/sctp")
                 port_field = "dport" if word.startswith("--d") else "sport"
                 add(Selector(port_field), parse_pattern(value(), "port"))
             elif word == "--comment":
@@ -962,10 +1007,10 @@ def parse_iptables_rule(chain: str, spec: list[str], text: str) -> Rule:
                 add(Selector("fib_daddr" if word == "--dst-type" else "fib_saddr"), value().lower())
             elif word == "--mode" and "statistic" in modules:
                 if value() != "random":
-                    raise _Unknown("statistic other than --mode random")
+                    raise Unknown("statistic other than --mode random")
             elif word == "--probability" and "statistic" in modules:
                 if negate:
-                    raise _Unknown("a negated statistic match")
+                    raise Unknown("a negated statistic match")
                 matches.append(Chance(Fraction(value())))
             elif word == "--mark" and "mark" in modules:
                 mark, mask = _split_mask(value())
@@ -981,14 +1026,14 @@ def parse_iptables_rule(chain: str, spec: list[str], text: str) -> Rule:
             elif word in ("-j", "--jump", "-g", "--goto"):
                 statements.append(_target(value(), words, goto=word in ("-g", "--goto")))
             else:
-                raise _Unknown(word)
+                raise Unknown(word)
         if recent:
             name = f"recent:{recent.get('name', 'DEFAULT')}"
             if recent.get("check"):
                 matches.append(Match((Selector("saddr"),), set_name=name))
             if recent.get("set"):
                 statements.insert(0, Remember(name))
-    except (_Unknown, ValueError, KeyError) as error:
+    except (Unknown, ValueError, KeyError) as error:
         return Rule(chain, text, error=f"cannot read {error}")
     return Rule(chain, text, tuple(matches), tuple(statements), comment=comment)
 
@@ -1002,12 +1047,12 @@ def _recent_option(
     word: str, value: Callable[[], str], recent: dict[str, str], negate: bool
 ) -> None:
     if negate:
-        raise _Unknown(f"! {word}")
+        raise Unknown(f"! {word}")
     if word == "--name":
         recent["name"] = value()
     elif word == "--mask":
-        if value() != "255.255.255.255":
-            raise _Unknown("-m recent with a --mask that is not one address")
+        if value() not in _HOST_MASKS:
+            raise Unknown("-m recent with a --mask that is not one address")
     elif word == "--seconds":
         value()  # the lists read from the kernel hold the clients of the last timeout
     elif word in ("--rcheck", "--update"):
@@ -1023,13 +1068,13 @@ def _target(name: str, words: Iterator[str], goto: bool) -> Statement:
     while index < len(rest):
         option = rest[index]
         if not option.startswith("--"):
-            raise _Unknown(f"{option} after -j {name}")
+            raise Unknown(f"{option} after -j {name}")
         if option in ("--random-fully", "--random", "--persistent"):
             options[option] = ""
             index += 1
         else:
             if index + 1 >= len(rest):
-                raise _Unknown(f"{option} without a value")
+                raise Unknown(f"{option} without a value")
             options[option] = rest[index + 1]
             index += 2
     if name in ("ACCEPT", "DROP", "RETURN"):
@@ -1037,31 +1082,23 @@ def _target(name: str, words: Iterator[str], goto: bool) -> Statement:
     if name == "REJECT":
         how = options.get("--reject-with", "icmp-port-unreachable")
         if how not in _REJECT_WITH:
-            raise _Unknown(f"REJECT --reject-with {how}")
+            raise Unknown(f"REJECT --reject-with {how}")
         return Reject(_REJECT_WITH[how])
     if name == "DNAT":
-        target = options.get("--to-destination", "")
-        address, _, port = target.partition(":")
-        return Dnat(IPv4Address(address), int(port) if port else None)
+        return dnat_to(options.get("--to-destination", ""))
     if name == "MASQUERADE":
         return Masquerade(" ".join(o.removeprefix("--") for o in options))
     if name == "MARK":
-        if "--set-xmark" in options:
-            mark, mask = _split_mask(options["--set-xmark"])
-            return SetMark(mark, 0xFFFFFFFF if mask is None else mask)
-        if "--or-mark" in options:
-            mark = int(options["--or-mark"], 0)
-            return SetMark(mark, mark)
-        if "--xor-mark" in options:
-            return SetMark(int(options["--xor-mark"], 0), 0)
-        if "--and-mark" in options:
-            return SetMark(0, ~int(options["--and-mark"], 0) & 0xFFFFFFFF)
-        if "--set-mark" in options:
-            mark, mask = _split_mask(options["--set-mark"])
-            return SetMark(mark, 0xFFFFFFFF if mask is None else mask)
-        raise _Unknown("MARK without a known option")
+        for option in ("--set-xmark", "--set-mark"):
+            if option in options:
+                mark, mask = _split_mask(options[option])
+                return SetMark(mark, MARK_BITS if mask is None else mask)
+        for option, op in (("--or-mark", "or"), ("--xor-mark", "xor"), ("--and-mark", "and")):
+            if option in options:
+                return mark_statement(op, int(options[option], 0))
+        raise Unknown("MARK without a known option")
     # a chain of ours; a target extension (LOG, SNAT, CT, ...) is not one kpgen uses
     extension = name.isupper() and "-" not in name
     if options or extension or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise _Unknown(f"-j {name}")
+        raise Unknown(f"-j {name}")
     return Verdict("goto" if goto else "jump", name)

@@ -17,6 +17,7 @@ from kpgen.explain.answers import (
     Status,
     outcome_line,
 )
+from kpgen.explain.rules import hostport
 from kpgen.explain.trace import percent
 
 WIDTH = 80
@@ -128,7 +129,7 @@ def explanation_text(explanation: Explanation, colour: bool = False) -> str:
     """What happens to the packet: service, outcomes, the path of each."""
     style = _styler(colour)
     p = explanation.packet
-    head = f"{p.protocol} {p.src} -> {p.dst}:{p.port}, a new connection from {p.origin}"
+    head = f"{p.protocol} {p.src} -> {hostport(p.dst, p.port)}, a new connection from {p.origin}"
     lines = _styled(wrap(head, 0), style, bold=True)
     where = _source(explanation.mode, explanation.rules, explanation.where)
     lines += wrap(f"node {explanation.node}; {where}", 0)
@@ -172,7 +173,7 @@ def service_text(explanation: ServiceExplanation, colour: bool = False) -> str:
         lines += ["", "it answers on no address of this node"]
     for entry in explanation.entries:
         name = f" (port {entry.port_name})" if entry.port_name else ""
-        head = f"{entry.via} {entry.address}:{entry.port}/{entry.protocol}{name}"
+        head = f"{entry.via} {hostport(entry.address, entry.port)}/{entry.protocol}{name}"
         lines += ["", *_styled(wrap(head, 2), style, fg="cyan")]
         if entry.policy:
             lines += wrap(entry.policy, 4)

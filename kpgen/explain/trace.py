@@ -14,11 +14,11 @@ node's own), which records what it had to assume.
 
 from __future__ import annotations
 
-import ipaddress
 import itertools
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
+from kpgen.core.model import IPAddress, IPFamily, IPNetwork
 from kpgen.explain.rules import (
     PROTOCOL_NAMES,
     Chain,
@@ -40,21 +40,22 @@ from kpgen.explain.rules import (
     pattern_matches,
 )
 
-IPv4Address = ipaddress.IPv4Address
-IPv4Network = ipaddress.IPv4Network
-LOOPBACK = IPv4Network("127.0.0.0/8")
 MAX_DEPTH = 400  # rules matched on one path: far more than kpgen's rules ever need
 MAX_STACK = 32  # nested jumps
 
 
 @dataclass(frozen=True)
 class Packet:
-    """The first packet of a new connection."""
+    """The first packet of a new connection (``src`` and ``dst`` of one family)."""
 
-    src: IPv4Address
-    dst: IPv4Address
+    src: IPAddress
+    dst: IPAddress
     protocol: int
     port: int
+
+    @property
+    def family(self) -> IPFamily:
+        return IPFamily.of(self.src)
 
     @property
     def protocol_name(self) -> str:
@@ -65,18 +66,18 @@ class Locality:
     """Which addresses belong to this node: ``networks`` (its local routes), or None when that
     is not known; then what had to be assumed is recorded in ``assumptions``."""
 
-    def __init__(self, networks: list[IPv4Network] | None, source: str) -> None:
+    def __init__(self, networks: list[IPNetwork] | None, source: str) -> None:
         self.networks = networks
         self.source = source
-        self.service_networks: list[IPv4Network] = []  # never taken for the node's own
-        self._assumed: dict[bool, list[IPv4Address]] = {True: [], False: []}
+        self.service_networks: list[IPNetwork] = []  # never taken for the node's own
+        self._assumed: dict[bool, list[IPAddress]] = {True: [], False: []}
 
-    def is_service(self, address: IPv4Address) -> bool:
+    def is_service(self, address: IPAddress) -> bool:
         return any(address in network for network in self.service_networks)
 
-    def is_local(self, address: IPv4Address, assume: bool) -> bool:
+    def is_local(self, address: IPAddress, assume: bool) -> bool:
         """Whether ``address`` is this node's; ``assume`` when that is not known."""
-        if address in LOOPBACK:
+        if address.is_loopback:
             return True
         if self.networks is not None:
             return any(address in network for network in self.networks)
@@ -104,14 +105,17 @@ class Locality:
         return found
 
     @property
-    def addresses(self) -> list[IPv4Address]:
-        """The node's own (non-loopback) host addresses, when known."""
+    def addresses(self) -> list[IPAddress]:
+        """The node's own host addresses, when known: not loopback, nor IPv6 link-local (every
+        interface has one, reached only with a zone)."""
         if self.networks is None:
             return []
         return [
             n.network_address
             for n in self.networks
-            if n.prefixlen == 32 and not n.subnet_of(LOOPBACK)
+            if n.prefixlen == n.max_prefixlen
+            and not n.network_address.is_loopback
+            and not (n.version == 6 and n.network_address.is_link_local)
         ]
 
 
@@ -134,12 +138,12 @@ class Hop:
 class Flow:
     """The packet as the rules see it on one branch of the walk."""
 
-    saddr: IPv4Address
-    daddr: IPv4Address
+    saddr: IPAddress
+    daddr: IPAddress
     l4proto: int
     dport: int
     mark: int = 0
-    dnat: tuple[IPv4Address, int] | None = None
+    dnat: tuple[IPAddress, int] | None = None
     masquerade: bool = False
     probability: Fraction = Fraction(1)
     hops: tuple[Hop, ...] = ()
