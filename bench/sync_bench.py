@@ -71,8 +71,9 @@ def slice_of(i: int, endpoints: int) -> dict[str, Any]:
 def measure(services: int, endpoints: int, changes: int, mode: str) -> dict[str, Any]:
     from apiserver import ApiServer
 
+    from kpgen.controller.health import Health, Timing
     from kpgen.controller.metrics import Metrics
-    from kpgen.controller.sync import Controller, Health, Timing
+    from kpgen.controller.sync import Controller
     from kpgen.core.node import NodeFlags, ProxyMode, node_config
     from kpgen.dataplane.apply import RuleLoader
     from kpgen.inputs.api import NODE, SERVICE, SLICE, Store, api_client, api_informers

@@ -18,8 +18,9 @@ import kernel
 import pytest
 from builders import endpoint, endpoint_slice, service
 
+from kpgen.controller.health import Health, Timing
 from kpgen.controller.metrics import Metrics
-from kpgen.controller.sync import Controller, Health, Timing
+from kpgen.controller.sync import Controller
 from kpgen.core.model import IPFamily
 from kpgen.core.node import NodeConfig, ProxyMode
 from kpgen.core.parse import parse_documents

@@ -30,9 +30,11 @@ import yaml
 from builders import endpoint, endpoint_slice, service
 from prometheus_client import generate_latest
 
+from kpgen.controller.daemon import RunSettings
+from kpgen.controller.health import Health, Timing, health_server
 from kpgen.controller.logs import JsonFormatter
 from kpgen.controller.metrics import Metrics
-from kpgen.controller.sync import Controller, Health, RunSettings, Timing, health_server
+from kpgen.controller.sync import Controller
 from kpgen.core.fields import parse_bind_address, parse_duration
 from kpgen.core.node import NodeConfig
 from kpgen.core.plan import FamilyPlan
@@ -694,7 +696,8 @@ CONTROLLER_SCRIPT = textwrap.dedent(
     """
     import json, logging, subprocess, sys, threading, time
     from kpgen.dataplane.apply import RuleLoader
-    from kpgen.controller.sync import Controller, Health, Timing
+    from kpgen.controller.health import Health, Timing
+    from kpgen.controller.sync import Controller
     from kpgen.controller.metrics import Metrics
     from kpgen.core.node import NodeFlags, node_config
     from kpgen.inputs.api import NODE, SERVICE, SLICE, Store

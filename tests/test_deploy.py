@@ -3,9 +3,8 @@ reads, RBAC that grants exactly the API calls `kpgen run` makes, and an image re
 kpgen needs at run time.
 
 Nothing here talks to a cluster or builds the image: the manifests and the Containerfile are
-read as data. The RBAC cross-check reads the controller's source (kpgen/watch.py,
-kpgen/controller/sync.py, and every other module of the package) for kubernetes-client calls; it is
-skipped until the controller exists.
+read as data. The RBAC cross-check reads every module of the package for kubernetes-client
+calls.
 """
 
 from __future__ import annotations

@@ -350,7 +350,7 @@ def run_command(verbose: int, log_format: str, **options: Any) -> None:
     often than --min-sync-period), partially where possible. On SIGTERM kpgen exits and
     leaves the rules in place; `kpgen cleanup` removes them.
     """
-    from kpgen.controller.sync import RunSettings, run
+    from kpgen.controller.daemon import RunSettings, run
 
     run_flags = {name: options.pop(name) for name in RunSettings.FLAGS}
     node = _node(options)

@@ -11,22 +11,14 @@ makes the next sync a full one, after a backoff.
 from __future__ import annotations
 
 import gc
-import json
 import logging
-import os
-import signal
-import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
+from kpgen.controller.health import Health, Timing
 from kpgen.controller.healthcheck import ServiceHealthChecks
 from kpgen.controller.metrics import Metrics
-from kpgen.core.fields import parse_bind_address, parse_duration
 from kpgen.core.node import NodeConfig
 from kpgen.core.parse import ParseCache
 from kpgen.core.plan import FamilyPlan, build_plans
@@ -35,91 +27,6 @@ from kpgen.dataplane.apply import ApplyError, RuleLoader
 from kpgen.inputs.api import Backoff, Snapshot, Store
 
 log = logging.getLogger("kpgen.controller")  # the log name users filter on, kept
-
-
-@dataclass(frozen=True)
-class Timing:
-    min_sync_period: float = 1.0
-    sync_period: float = 30.0
-
-    @property
-    def health_timeout(self) -> float:
-        """kube-proxy's healthz fails once a queued change is older than this."""
-        return 2 * self.sync_period
-
-
-class Health:
-    """When the rules were last synced and a change last queued, as kube-proxy reports."""
-
-    def __init__(self, timing: Timing, clock: Callable[[], float] = time.time) -> None:
-        self.timing, self.clock = timing, clock
-        self._lock = threading.Lock()
-        self.started = clock()
-        self.last_updated: float | None = None
-        self.last_queued: float | None = self.started  # the first sync is owed from the start
-
-    def queued(self) -> None:
-        with self._lock:
-            if self.last_queued is None:
-                self.last_queued = self.clock()
-
-    def updated(self, pending_since: float | None) -> None:
-        """A sync succeeded; changes that came during it are ``pending_since`` then."""
-        with self._lock:
-            self.last_updated = self.clock()
-            self.last_queued = pending_since
-
-    def status(self) -> tuple[bool, dict[str, Any]]:
-        with self._lock:
-            now = self.clock()
-            stale = (
-                self.last_queued is not None and now - self.last_queued > self.timing.health_timeout
-            )
-
-            def stamp(value: float | None) -> str:
-                return "" if value is None else datetime.fromtimestamp(value, UTC).isoformat()
-
-            return not stale, {
-                "lastUpdated": stamp(self.last_updated),
-                "currentTime": stamp(now),
-                "nodeEligible": True,
-                "healthy": not stale,
-            }
-
-
-def health_server(
-    address: tuple[str, int], health: Health, metrics: Metrics
-) -> ThreadingHTTPServer:
-    """/healthz (503 once a queued change waits too long) and /livez, as kube-proxy serves."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            path = self.path.split("?", 1)[0]
-            if path not in ("/healthz", "/livez"):
-                self.send_error(404)
-                return
-            healthy, body = health.status()
-            code = 200 if healthy else 503
-            counter = metrics.healthz if path == "/healthz" else metrics.livez
-            counter.labels(code=str(code)).inc()
-            data = json.dumps(body).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("X-Content-Type-Options", "nosniff")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            log.debug("healthz: " + format, *args)
-
-    class Server(ThreadingHTTPServer):
-        address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-
-    server = Server(address, Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="healthz", daemon=True).start()
-    return server
 
 
 class Controller:
@@ -266,120 +173,3 @@ class Controller:
                     "sync failed, the previous rules stay; full sync in %.1fs: %s", delay, error
                 )
                 stop.wait(delay)
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    """``kpgen run``'s own settings, validated."""
-
-    manifests: str | None
-    kubeconfig: str | None
-    master: str | None
-    timing: Timing
-    healthz: tuple[str, int] | None
-    metrics: tuple[str, int] | None
-    iptables_backend: str
-
-    # the flags of kpgen run that parse() takes (the others are the node's)
-    FLAGS = (
-        "source",
-        "kubeconfig",
-        "master",
-        "min_sync_period",
-        "sync_period",
-        "healthz_bind_address",
-        "metrics_bind_address",
-        "iptables_backend",
-    )
-
-    @classmethod
-    def parse(
-        cls,
-        *,
-        source: str,
-        kubeconfig: str | None,
-        master: str | None,
-        min_sync_period: str,
-        sync_period: str,
-        healthz_bind_address: str,
-        metrics_bind_address: str,
-        iptables_backend: str,
-    ) -> RunSettings:
-        """Raises ValueError naming the flag."""
-
-        def flag(name: str, parser: Callable[[str], Any], value: str) -> Any:
-            try:
-                return parser(value)
-            except ValueError as error:
-                raise ValueError(f"{name}: {error}") from None
-
-        if source != "api" and not source.startswith("manifests:"):
-            raise ValueError(f"--source: {source!r} is not api or manifests:DIR")
-        manifests = source.removeprefix("manifests:") if source != "api" else None
-        if manifests is not None and not os.path.isdir(manifests):
-            raise ValueError(f"--source: {manifests!r} is not a directory")
-        timing = Timing(
-            min_sync_period=flag("--min-sync-period", parse_duration, min_sync_period),
-            sync_period=flag("--sync-period", parse_duration, sync_period),
-        )
-        if timing.sync_period <= 0:
-            raise ValueError("--sync-period: must be more than 0")
-        return cls(
-            manifests=manifests,
-            kubeconfig=kubeconfig,
-            master=master,
-            timing=timing,
-            healthz=flag("--healthz-bind-address", parse_bind_address, healthz_bind_address),
-            metrics=flag("--metrics-bind-address", parse_bind_address, metrics_bind_address),
-            iptables_backend=iptables_backend,
-        )
-
-
-def run(node: NodeConfig, settings: RunSettings) -> int:
-    """Run the controller until SIGTERM or SIGINT; the rules stay in place. Returns the exit
-    status."""
-    from prometheus_client import start_http_server
-
-    from kpgen.inputs.api import NODE, SERVICE, SLICE, ManifestWatcher, api_client, api_informers
-
-    stop = threading.Event()
-    metrics = Metrics(node.mode.value)
-    health = Health(settings.timing)
-    holder: list[Controller] = []
-    store = Store((SERVICE, SLICE, NODE), on_change=lambda: holder[0].on_change())
-
-    def shut_down(*_: Any) -> None:
-        stop.set()
-        store.wake()  # the loop may be waiting on the store, not on the stop event
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, shut_down)
-    loader = RuleLoader(node.mode, settings.iptables_backend)
-    service_checks = ServiceHealthChecks(proxy_healthy=lambda: health.status()[0])
-    controller = Controller(
-        node, store, loader, metrics, health, settings.timing, service_checks, conntrack.delete
-    )
-    holder.append(controller)
-    try:
-        if settings.healthz:
-            health_server(settings.healthz, health, metrics)
-        if settings.metrics:
-            start_http_server(settings.metrics[1], settings.metrics[0], registry=metrics.registry)
-    except OSError as error:
-        log.error("cannot listen: %s", error)
-        return 1
-    if settings.manifests is not None:
-        log.info("reading manifests from %s", settings.manifests)
-        ManifestWatcher(store, settings.manifests, stop).start()
-    else:
-        try:
-            api = api_client(settings.kubeconfig, settings.master)
-        except Exception as error:  # the client's config errors come in many types
-            log.error("cannot configure the Kubernetes client: %s", error)
-            return 1
-        log.info("watching %s as node %s", api.configuration.host, node.hostname)
-        for informer in api_informers(store, api, node.hostname, stop):
-            informer.start()
-    controller.run(stop)
-    log.info("exiting; the rules stay in place (kpgen cleanup removes them)")
-    return 0
