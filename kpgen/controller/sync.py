@@ -166,9 +166,13 @@ class Controller:
             try:
                 self.sync(snapshot)
                 self.backoff.reset()
-            except ApplyError as error:
+            except Exception as error:  # whatever failed, the loop (and the node's rules) stay
                 self.need_full = True
                 delay = self.backoff.next()
+                if not isinstance(error, ApplyError):  # not the kernel's refusal: a bug of ours
+                    self.metrics.sync_failures.inc()
+                    log.debug("sync failed", exc_info=True)
+                    error = RuntimeError(f"{type(error).__name__}: {error}")
                 log.error(
                     "sync failed, the previous rules stay; full sync in %.1fs: %s", delay, error
                 )
