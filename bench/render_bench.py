@@ -26,6 +26,7 @@ load time grows with the number of services.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import hashlib
 import importlib.metadata
@@ -36,6 +37,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -225,7 +227,17 @@ def timed(
             runs.append(time.perf_counter() - start)
         finally:
             gc.unfreeze()
-    return Timing(stage, runs, note), result
+    timing = Timing(stage, runs, note)
+    progress(f"{stage}: {_took(timing)}")
+    return timing, result
+
+
+STARTED = time.monotonic()
+
+
+def _took(timing: Timing) -> str:
+    runs = f"best of {len(timing.runs)}" if len(timing.runs) > 1 else "1 run"
+    return f"{timing.best:.3f} s ({runs}; {time.monotonic() - STARTED:.0f} s so far)"
 
 
 @dataclass
@@ -268,13 +280,22 @@ def run_child(
                 err.open("wb") as stderr,
                 (stdin or Path(os.devnull)).open("rb") as input_,
             ):
-                subprocess.run(
+                # in a process group of its own, killed whole if the benchmark is interrupted:
+                # the measuring process and the command it runs (kpgen render, a loader)
+                child = subprocess.Popen(
                     [sys.executable, "-c", _SPAWN, str(measured), *command],
                     stdin=input_,
                     stdout=stdout,
                     stderr=stderr,
-                    check=True,
+                    start_new_session=True,
                 )
+                try:
+                    returncode = child.wait()
+                except BaseException:
+                    kill_group(child)
+                    raise
+                if returncode != 0:
+                    raise subprocess.CalledProcessError(returncode, command)
             m = json.loads(measured.read_text())
             children.append(
                 Child(
@@ -286,7 +307,15 @@ def run_child(
                 )
             )
     timing = Timing(stage, [c.seconds for c in children], note, max(c.max_rss_mb for c in children))
+    progress(f"{stage}: {_took(timing)}")
     return timing, children[-1]
+
+
+def kill_group(child: subprocess.Popen[bytes]) -> None:
+    """Kill ``child`` and everything in its process group, and reap it."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
 
 
 # --- the machine --------------------------------------------------------------------------
@@ -824,5 +853,16 @@ def main() -> None:
         print_report(report)
 
 
+def _interrupted(signum: int, _: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 if __name__ == "__main__":
-    main()
+    # Ctrl-C or SIGTERM: the running stage's child processes are killed, and the temporary
+    # directories and network namespaces removed, as the stack unwinds
+    signal.signal(signal.SIGTERM, _interrupted)
+    try:
+        main()
+    except KeyboardInterrupt:
+        progress("interrupted: child processes stopped, temporary files removed")
+        sys.exit(130)

@@ -1,3 +1,11 @@
-from kpgen.cli.main import main
+import sys
+
+from kpgen import missing_module
+
+try:
+    from kpgen.cli.main import main
+except ModuleNotFoundError as error:  # a Python without kpgen's dependencies
+    print(missing_module(error), file=sys.stderr)
+    sys.exit(1)
 
 main(prog_name="kpgen")

@@ -6,7 +6,8 @@ Gone, bookmarks, paging) is what they have to prove. It serves Services (v1), En
 (discovery.k8s.io/v1), Nodes (v1) and Events (v1 and events.k8s.io/v1), keeps one global
 resourceVersion (etcd's revision) and a bounded event history, and lets a test change the
 state (``create``, ``update``, ``patch``, ``delete``, ``set_objects``) and inject faults
-(``compact``, ``drop_watches``, ``fail_next``). Standard library only (``http.server``).
+(``compact``, ``drop_watches``, ``fail_next``, ``slow``; ``stop`` and ``start`` again keep the
+state, as a restarted server). Standard library only (``http.server``).
 
 Why not kmock (PyPI ``kmock``, the Kubernetes API emulator by kopf's author): the parts of the
 protocol these tests are about are the parts it does not have. Its lists carry resourceVersion
@@ -437,6 +438,7 @@ class ApiServer:
         self._fail_count = 0
         self._fail_status = 500
         self._fail_path: str | None = None
+        self.response_delay = 0.0  # seconds every request waits before its answer (slow())
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -653,6 +655,11 @@ class ApiServer:
         answered with an error Status of this HTTP status, and change nothing."""
         with self._cond:
             self._fail_count, self._fail_status, self._fail_path = n, status, path
+
+    def slow(self, seconds: float) -> None:
+        """Every request from now on waits ``seconds`` before it is answered (a watch: before
+        its response starts), as an overloaded server; 0 ends it."""
+        self.response_delay = seconds
 
     @property
     def requests(self) -> list[Request]:
@@ -1125,6 +1132,8 @@ class _Handler(BaseHTTPRequestHandler):
             if fail:
                 api._fail_count -= 1
             api._cond.notify_all()
+        if api.response_delay > 0:
+            time.sleep(api.response_delay)
         try:
             if fail:
                 code = api._fail_status

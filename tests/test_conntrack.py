@@ -35,7 +35,7 @@ from kpgen.dataplane.conntrack import (
     resolve,
     stale_udp_flows,
 )
-from kpgen.inputs.api import NODE, SERVICE, SLICE, Snapshot, Store
+from kpgen.inputs.api import NODE, SERVICE, SLICE, Store
 from kpgen.render.text import render_plan
 
 ip = ipaddress.ip_address
@@ -416,6 +416,22 @@ class Loader:
             raise ApplyError("refused")
         return 1
 
+    def load_nft(self, plans: Any, tables: Any) -> None:
+        self.full(plans)
+
+    def change_nft(self, script: str) -> None:
+        self.partial(script)
+
+    def changed_since_written(self) -> None:
+        return None
+
+
+def sync_to(running: Controller, documents: list[dict[str, Any]]) -> None:
+    """One sync of ``running`` to the cluster of ``documents``, through its store."""
+    for kind in (SERVICE, SLICE, NODE):
+        running.store.replace(kind, [d for d in documents if d["kind"] == kind])
+    running.sync(running.store.take(documents=False))
+
 
 def controller(loader: Loader, delete_flows: Any) -> Controller:
     timing = Timing()
@@ -440,16 +456,16 @@ def test_the_controller_deletes_stale_entries_after_each_successful_sync_only() 
 
     loader = Loader()
     running = controller(loader, record)
-    running.sync(Snapshot(dns(A)))
+    sync_to(running, dns(A))
     assert calls == [to_every_destination(keep=frozenset({target(A)}))]
     loader.fail = True
     with pytest.raises(ApplyError):
-        running.sync(Snapshot(dns(B)))
+        sync_to(running, dns(B))
     assert len(calls) == 1  # the rules did not change: nothing is stale
     loader.fail = False
-    running.sync(Snapshot(dns(B)))  # compared with what was loaded last: A's entries go
+    sync_to(running, dns(B))  # compared with what was loaded last: A's entries go
     assert calls[1] == to_every_destination(reply=target(A))
-    running.sync(Snapshot(dns(B)))
+    sync_to(running, dns(B))
     assert len(calls) == 2  # nothing changed: conntrack is not even run
 
 
@@ -461,8 +477,8 @@ def test_a_failure_to_delete_is_logged_and_the_sync_still_succeeds(
 
     running = controller(Loader(), failing)
     with caplog.at_level(logging.INFO, logger="kpgen.controller"):
-        running.sync(Snapshot(dns(A)))
-        running.sync(Snapshot(dns(B)))
+        sync_to(running, dns(A))
+        sync_to(running, dns(B))
     assert running.syncs == 2
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == ["conntrack: stale UDP entries not deleted: conntrack is not installed"] * 2
@@ -470,6 +486,6 @@ def test_a_failure_to_delete_is_logged_and_the_sync_still_succeeds(
 
 def test_without_a_deleter_the_controller_touches_no_conntrack_entry() -> None:
     running = controller(Loader(), None)
-    running.sync(Snapshot(dns(A)))
-    running.sync(Snapshot(dns(B)))
+    sync_to(running, dns(A))
+    sync_to(running, dns(B))
     assert running.syncs == 2

@@ -27,7 +27,7 @@ from click.testing import CliRunner
 
 from kpgen.cli.main import main
 from kpgen.core.node import NodeFlags, ProxyMode
-from kpgen.inputs.config import node_settings
+from kpgen.inputs.config import node_settings, read_kube_proxy_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -271,36 +271,24 @@ def test_node_name_comes_from_the_pod_spec_and_is_the_hostname_override(
     assert _flag_value(_argv(container), "--hostname-override") == "$(NODE_NAME)"
 
 
-def _seed_kubernetes_service() -> tuple[str, str, int]:
-    """The seed cluster's `kubernetes` Service ClusterIP, and the API server behind it."""
-    seed = yaml.safe_load((ROOT / "examples" / "seed-cluster.yaml").read_text())
-    items = seed["items"]
-    service = next(
-        i for i in items if i["kind"] == "Service" and i["metadata"]["name"] == "kubernetes"
-    )
-    slice_ = next(
-        i for i in items if i["kind"] == "EndpointSlice" and i["metadata"]["name"] == "kubernetes"
-    )
-    return (
-        service["spec"]["clusterIP"],
-        slice_["endpoints"][0]["addresses"][0],
-        slice_["ports"][0]["port"],
-    )
-
-
 def test_api_server_is_reached_at_its_real_address_not_the_kubernetes_cluster_ip(
-    container: dict[str, Any],
+    objects: list[dict[str, Any]], container: dict[str, Any], pod: dict[str, Any], tmp_path: Path
 ) -> None:
+    # Not the seed lab's address, nor the ClusterIP kpgen has to program: kube-proxy's own
+    # kubeconfig, from kubeadm's `kube-proxy` ConfigMap, as kube-proxy reaches the API server.
     env = _env(container)
-    host = env["KUBERNETES_SERVICE_HOST"].get("value")
-    port = env["KUBERNETES_SERVICE_PORT"].get("value")
-    assert isinstance(host, str) and isinstance(port, str), "set explicitly, as strings"
-    assert 1 <= int(port) <= 65535
-    cluster_ip, api_server, api_port = _seed_kubernetes_service()
-    # the placeholder is the seed cluster's k8s-master, never the ClusterIP kpgen has to program
-    assert ipaddress.ip_address(host) == ipaddress.ip_address(api_server)
-    assert int(port) == api_port
-    assert host != cluster_ip
+    assert "KUBERNETES_SERVICE_HOST" not in env and "KUBERNETES_SERVICE_PORT" not in env
+    path = tmp_path / "config.yaml"
+    path.write_text(_config_text(objects, container, pod), encoding="utf-8")
+    kubeconfig = read_kube_proxy_config(str(path)).kubeconfig
+    assert kubeconfig == "/var/lib/kube-proxy/kubeconfig.conf"
+    file = PurePosixPath(kubeconfig)
+    mount = _mount_at(container, str(file.parent))
+    assert mount is not None and mount.get("readOnly") is True
+    source = _volume(pod, mount["name"])["configMap"]
+    assert source["name"] == "kube-proxy", "kubeadm's ConfigMap, not one of deploy/'s"
+    assert {"key": "kubeconfig.conf", "path": file.name} in source["items"]
+    assert "10.20.30.10" not in (ROOT / "deploy" / "kpgen.yaml").read_text()
 
 
 def test_container_may_change_netfilter_rules(container: dict[str, Any]) -> None:

@@ -940,7 +940,8 @@ def test_status_reports_the_running_proxys_rules_and_health(running: str) -> Non
         code, state = _status(running)
         health = state["health"]
         assert isinstance(health, dict)
-        if code == 0 or time.monotonic() > deadline:
+        # until its first sync: before it, /healthz is 200 too, with no lastUpdated
+        if (code == 0 and health["last_updated"]) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     assert code == 0, state

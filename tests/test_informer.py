@@ -29,6 +29,7 @@ from kpgen.inputs.api import (
     Store,
     api_client,
     api_informers,
+    typed,
 )
 
 Obj = dict[str, Any]
@@ -109,17 +110,18 @@ def seed(server: ApiServer) -> None:
 
 def expected(server: ApiServer, node_name: str = NODE_NAME) -> dict[Key, Obj]:
     """What a store fed by kpgen's informers must hold: the services kube-proxy would proxy,
-    every slice, and this node; exactly as the server stores them."""
+    every slice, and this node; as the server stores them, less the metadata kpgen never
+    reads (kpgen.inputs.api.typed)."""
     wanted: dict[Key, Obj] = {}
     for svc in server.objects("Service"):
         labels = svc["metadata"].get("labels") or {}
         if PROXY_NAME not in labels and HEADLESS not in labels:
-            wanted[(SERVICE, "default", svc["metadata"]["name"])] = svc
+            wanted[(SERVICE, "default", svc["metadata"]["name"])] = typed(SERVICE, svc)
     for sl in server.objects("EndpointSlice"):
-        wanted[(SLICE, sl["metadata"]["namespace"], sl["metadata"]["name"])] = sl
+        wanted[(SLICE, sl["metadata"]["namespace"], sl["metadata"]["name"])] = typed(SLICE, sl)
     own = server.get("Node", None, node_name)
     if own is not None:
-        wanted[(NODE, "", node_name)] = own
+        wanted[(NODE, "", node_name)] = typed(NODE, own)
     return wanted
 
 

@@ -17,8 +17,8 @@ What is checked, and with what:
   trip through the kubernetes client's models);
 - the workload is the seed's: Services, ports, nodePort, externalIP and ClusterIPs as in
   examples/seed-cluster.yaml, and pages that say pod1 and pod2;
-- deploy/kpgen.yaml gets the lab's API server address, cluster CIDR and mode
-  (vagrant/provision/kpgen-manifest.sh, run here);
+- deploy/kpgen.yaml gets the lab's cluster CIDR and mode, and the kube-proxy kubeconfig with
+  the lab's API server address (vagrant/provision/kpgen-manifest.sh, run here);
 - check.sh, run with stand-ins for vagrant, kubectl, curl, sudo, nft and sleep: it prints the
   article's loops and exits 0 only when both workers' NodePort, the ClusterIP and the
   externalIP are answered by both pods.
@@ -822,14 +822,19 @@ def _kpgen_manifest(*args: str, text: str | None = None) -> subprocess.Completed
     return _run(["sh", str(PROVISION / "kpgen-manifest.sh"), *args], input=source)
 
 
-def _kpgen_settings(manifest: str) -> tuple[dict[str, str], dict[str, Any]]:
+def _kpgen_settings(manifest: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The kube-proxy kubeconfig the lab adds, and kpgen's configuration."""
     docs = _docs(manifest)
-    (daemonset,) = [d for d in docs if d["kind"] == "DaemonSet"]
-    (container,) = daemonset["spec"]["template"]["spec"]["containers"]
-    env = {e["name"]: e.get("value") for e in container["env"]}
-    (config_map,) = [d for d in docs if d["kind"] == "ConfigMap"]
-    config: dict[str, Any] = yaml.safe_load(config_map["data"]["config.yaml"])
-    return env, config
+    maps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
+    kubeconfig: dict[str, Any] = yaml.safe_load(maps["kube-proxy"]["data"]["kubeconfig.conf"])
+    config: dict[str, Any] = yaml.safe_load(maps["kpgen"]["data"]["config.yaml"])
+    return kubeconfig, config
+
+
+def _server(kubeconfig: dict[str, Any]) -> str:
+    (cluster,) = kubeconfig["clusters"]
+    server: str = cluster["cluster"]["server"]
+    return server
 
 
 def test_kpgen_gets_the_api_servers_real_address_and_the_pod_cidr(
@@ -839,19 +844,30 @@ def test_kpgen_gets_the_api_servers_real_address_and_the_pod_cidr(
     args = (env["API_ADDRESS"], env["API_PORT"], env["POD_CIDR"], env["KPGEN_MODE"])
     result = _kpgen_manifest(*args)
     assert result.returncode == 0, result.stderr
-    daemon_env, config = _kpgen_settings(result.stdout)
-    assert daemon_env["KUBERNETES_SERVICE_HOST"] == "10.20.30.10" == env["API_ADDRESS"]
-    assert daemon_env["KUBERNETES_SERVICE_PORT"] == "6443"
+    kubeconfig, config = _kpgen_settings(result.stdout)
+    # the lab's kubeadm installs no kube-proxy, so the lab writes the kube-proxy kubeconfig
+    # kubeadm would have (deploy/kpgen.yaml reads the API server's address from it)
+    assert _server(kubeconfig) == "https://10.20.30.10:6443"
+    assert env["API_ADDRESS"] == "10.20.30.10"
+    assert kubeconfig["users"][0]["user"] == {
+        "tokenFile": "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    }
+    assert config["clientConnection"]["kubeconfig"] == "/var/lib/kube-proxy/kubeconfig.conf"
     assert config["clusterCIDR"] == settings["kubernetes"]["pod_cidr"]
     assert config["mode"] == settings["kpgen"]["mode"]
-    # the same objects as deploy/kpgen.yaml otherwise: only those values may differ
+    # the same objects as deploy/kpgen.yaml otherwise, and the kube-proxy ConfigMap
     original = _docs((ROOT / "deploy" / "kpgen.yaml").read_text())
     assert [(d["kind"], d["metadata"]["name"]) for d in _docs(result.stdout)] == [
-        (d["kind"], d["metadata"]["name"]) for d in original
+        *((d["kind"], d["metadata"]["name"]) for d in original),
+        ("ConfigMap", "kube-proxy"),
     ]
     # and kpgen reads the configuration it makes
     path = tmp_path / "config.yaml"
-    (config_map,) = [d for d in _docs(result.stdout) if d["kind"] == "ConfigMap"]
+    (config_map,) = [
+        d
+        for d in _docs(result.stdout)
+        if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "kpgen"
+    ]
     path.write_text(config_map["data"]["config.yaml"])
     node = node_settings(NodeFlags(hostname="k8s-worker01"), str(path))
     assert node.mode is ProxyMode(settings["kpgen"]["mode"])
@@ -861,13 +877,12 @@ def test_kpgen_gets_the_api_servers_real_address_and_the_pod_cidr(
 def test_kpgen_manifest_follows_other_settings_and_refuses_a_manifest_it_cannot_patch() -> None:
     result = _kpgen_manifest("192.0.2.7", "7443", "10.244.0.0/16", "iptables")
     assert result.returncode == 0, result.stderr
-    daemon_env, config = _kpgen_settings(result.stdout)
-    assert daemon_env["KUBERNETES_SERVICE_HOST"] == "192.0.2.7"
-    assert daemon_env["KUBERNETES_SERVICE_PORT"] == "7443"
+    kubeconfig, config = _kpgen_settings(result.stdout)
+    assert _server(kubeconfig) == "https://192.0.2.7:7443"
     assert config["clusterCIDR"] == "10.244.0.0/16"
     assert config["mode"] == "iptables"
     text = (ROOT / "deploy" / "kpgen.yaml").read_text()
-    for line in ("- name: KUBERNETES_SERVICE_PORT", "clusterCIDR:", "mode: nftables"):
+    for line in ("clusterCIDR:", "mode: nftables"):
         broken = _kpgen_manifest(
             "192.0.2.7", "7443", "10.244.0.0/16", "iptables", text=text.replace(line, "# gone")
         )

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import click
 
+from kpgen import missing_module
 from kpgen.controller.logs import setup_logging
 from kpgen.core.model import IPFamily
 from kpgen.core.node import PRIMARY, ConfigError, NodeConfig, NodeFlags, ProxyMode
@@ -24,7 +25,7 @@ from kpgen.dataplane.apply import ApplyError, apply_plans, cleanup
 from kpgen.inputs.config import node_settings
 from kpgen.inputs.manifests import InputError, load_documents
 from kpgen.lab.cli import lab_group
-from kpgen.render.text import render
+from kpgen.render.text import IPTABLES_JUMPS, render, render_plan
 
 F = TypeVar("F", bound=Callable[..., Any])
 EXIT_INPUT = 2
@@ -188,7 +189,7 @@ def _read_inputs(inputs: Inputs, node: NodeConfig, verbose: int) -> ParseResult:
     return result
 
 
-def _node(options: dict[str, Any]) -> NodeConfig:
+def _node(options: dict[str, Any], config: Any = None) -> NodeConfig:
     flags = NodeFlags(
         mode=options["proxy_mode"],
         hostname=options["hostname_override"],
@@ -199,7 +200,7 @@ def _node(options: dict[str, Any]) -> NodeConfig:
         service_cidrs=options["service_cidr"],
     )
     try:
-        return node_settings(flags, options["config_file"])
+        return node_settings(flags, options["config_file"], config)
     except ConfigError as error:
         _fail(str(error))
         raise  # unreachable: _fail exits
@@ -216,6 +217,9 @@ def _no_traceback(command: F) -> F:
             raise
         except BrokenPipeError:
             sys.exit(0)
+        except ModuleNotFoundError as error:  # imported late: kubernetes, the templates
+            click.echo(missing_module(error), err=True)
+            sys.exit(1)
         except Exception as error:  # the last line of defence
             click.echo(f"kpgen: internal error: {type(error).__name__}: {error}", err=True)
             click.echo("kpgen: please report this with the input that caused it", err=True)
@@ -224,7 +228,25 @@ def _no_traceback(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Group(click.Group):
+    """A group whose command list shows each command's first sentence whole, wrapped (click
+    would cut it to one line with "...")."""
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                rows.append((name, command.get_short_help_str(limit=1000)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+@click.group(
+    cls=_Group,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(package_name="kpgen")
 def main() -> None:
     """kpgen: a kube-proxy written in Python.
@@ -257,7 +279,44 @@ def render_command(
     inputs = Inputs(sources, kubeconfig, master)
     node = _node(options)
     result = _read_inputs(inputs, node, verbose)
-    click.echo(render(result.state, node), nl=False)
+    if node.mode is ProxyMode.IPTABLES:
+        click.echo(_iptables_text(result.state, node), nl=False)
+    else:
+        click.echo(render(result.state, node), nl=False)
+
+
+JUMPS_NOTE = """\
+# Not in this input: kpgen's jumps from the built-in chains, so that loading it twice with
+# iptables-restore --noflush does not add them twice (kpgen apply adds them once itself).
+# Add them once, after loading this (as root): sed -n 's/^# once: //p' THIS-FILE | sh
+"""
+
+
+def _iptables_text(state: Any, node: NodeConfig) -> str:
+    """iptables-restore input that can be loaded again and again: every chain of kpgen's is
+    declared and rewritten whole, and the jumps from the built-in chains, which a restore
+    would add once more each time, are printed before each COMMIT as commands that add them
+    only where missing (``# once: iptables -t nat -C ... || iptables -t nat -I ...``)."""
+    parts = []
+    for plan in build_plans(state, node):
+        tool = "iptables" if plan.family is IPFamily.V4 else "ip6tables"
+        if plan.family is IPFamily.V6:
+            parts.append("# ip6tables-restore input (IPv6)\n")
+        table = ""
+        for line in render_plan(plan, node.mode, insert_jumps=()).splitlines(keepends=True):
+            if line.startswith("*"):
+                table = line[1:].strip()
+            elif line == "COMMIT\n":
+                parts.append(JUMPS_NOTE)
+                for jump in IPTABLES_JUMPS:
+                    if jump.table == table:
+                        where = f"{tool} -t {table}"
+                        parts.append(
+                            f"# once: {where} -C {jump.chain} {jump.spec} 2>/dev/null"
+                            f" || {where} -I {jump.chain} {jump.spec}\n"
+                        )
+            parts.append(line)
+    return "".join(parts)
 
 
 @main.command("apply")
@@ -328,22 +387,26 @@ def cleanup_command(proxy_mode: str) -> None:
     metavar="api|manifests:DIR",
     help="Where objects come from: the Kubernetes API, or a directory re-read when it changes.",
 )
-@api_options("Kubeconfig. [default: in-cluster, then ~/.kube]")
-@click.option("--min-sync-period", default="1s", show_default=True, metavar="DURATION",
+@api_options("Kubeconfig.  [default: in a pod, in-cluster; else $KUBECONFIG or ~/.kube/config]")
+# Not given: --config's value (docs/config.md), else the default shown.
+@click.option("--min-sync-period", show_default="1s", metavar="DURATION",
               help="Syncs come no more often than this.")  # fmt: skip
-@click.option("--sync-period", default="30s", show_default=True, metavar="DURATION",
+@click.option("--sync-period", show_default="30s", metavar="DURATION",
               help="A full sync at least this often.")  # fmt: skip
-@click.option("--healthz-bind-address", default="0.0.0.0:10256", show_default=True,
+@click.option("--healthz-bind-address", show_default="0.0.0.0:10256",
               metavar="HOST:PORT", help="/healthz and /livez; empty: off.")  # fmt: skip
-@click.option("--metrics-bind-address", default="127.0.0.1:10249", show_default=True,
+@click.option("--metrics-bind-address", show_default="127.0.0.1:10249",
               metavar="HOST:PORT", help="/metrics (Prometheus); empty: off.")  # fmt: skip
 @iptables_backend_option
 @click.option("-v", "--verbose", count=True, help="More log detail (-v: watch events).")
 @click.option(
-    "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    show_default="text",
+    help="Log lines as text, or as one JSON object each (for log collectors).",
 )
 @_no_traceback
-def run_command(verbose: int, log_format: str, **options: Any) -> None:
+def run_command(verbose: int, log_format: str | None, **options: Any) -> None:
     """Watch the cluster and keep this node's rules in sync (in place of kube-proxy).
 
     Rules are written only once every kind has been listed, then on every change (no more
@@ -353,16 +416,29 @@ def run_command(verbose: int, log_format: str, **options: Any) -> None:
     from kpgen.controller.daemon import RunSettings, run
 
     run_flags = {name: options.pop(name) for name in RunSettings.FLAGS}
-    node = _node(options)
-    setup_logging(verbose, log_format)
+    config = _kube_proxy_config(options["config_file"])
+    node = _node(options, config)
+    # logging.format and logging.verbosity (4 and more: -v) when not given as flags
+    verbose = verbose or int((config.verbosity or 0) >= 4)
+    setup_logging(verbose, log_format or config.log_format or "text")
     try:
-        settings = RunSettings.parse(**run_flags)
+        settings = RunSettings.parse(**run_flags, config=config, mode=node.mode.value)
     except ValueError as error:
         _fail(str(error))
     sys.exit(run(node, settings))
 
 
 main.add_command(lab_group)
+
+
+def _kube_proxy_config(config_file: str | None) -> Any:
+    """The whole KubeProxyConfiguration of --config (kpgen.core.kubeproxy), for kpgen run."""
+    from kpgen.inputs.config import read_kube_proxy_config
+
+    try:
+        return read_kube_proxy_config(config_file)
+    except ConfigError as error:
+        _fail(str(error))
 
 
 # --- explain and status ---------------------------------------------------------------------
@@ -449,7 +525,8 @@ def explain_command(
     if service_ref is not None and service_ref.count("/") != 1:
         _fail(f"--service {service_ref}: NAMESPACE/NAME")
     node = _node(options)
-    state = _read_inputs(inputs, node, verbose).state if inputs else None
+    parsed = _read_inputs(inputs, node, verbose) if inputs else None
+    state = parsed.state if parsed is not None else None
     plans = build_plans(state, node) if state is not None else None
     index = ex.ServiceIndex(state, node, plans) if state is not None else None
     try:
@@ -461,9 +538,13 @@ def explain_command(
             packet = ex.parse_packet(src, dst, protocol)
             family = packet.family
         rules: ex.Loaded | ex.Rendered
+        node_name = node.hostname
         if live:
             rules = ex.live_rules(options["proxy_mode"] or None, iptables_backend)
             locality = ex.live_locality(family)
+            recorded = rules.recorded()  # the node the loaded rules were made for
+            if recorded and not options["hostname_override"] and not options["config_file"]:
+                node_name = recorded["node"]
         else:
             assert state is not None
             rules = ex.Rendered(state, node, plans)
@@ -471,11 +552,20 @@ def explain_command(
         ruleset = rules.ruleset(family)
         if service_ref is not None:
             others = [rules.ruleset(f) for f in IPFamily if f is not family]
+            if parsed is not None:
+                known = {str(s.ref) for s in parsed.state.services}
+                known |= {s.ref for s in parsed.skipped} | {p.ref for p in parsed.problems}
+                source = "in the cluster" if kubeconfig else "in the manifests"
+                ex.check_service(service_ref, known, source)
+            else:
+                known = set().union(*(ex.service_names(r) for r in (ruleset, *others)))
+                nft = ruleset.mode == ProxyMode.NFTABLES.value
+                ex.check_service(service_ref, known, "in the rules loaded here", not nft)
             answer: Any = ex.explain_service(
-                ruleset, service_ref, locality, node.hostname, index, client, others
+                ruleset, service_ref, locality, node_name, index, client, others
             )
         else:
-            answer = ex.explain_packet(ruleset, packet, locality, node.hostname, index)
+            answer = ex.explain_packet(ruleset, packet, locality, node_name, index)
             if live and state is not None:
                 ex.compare_with_manifests(answer, state, node, packet, locality)
         answer.where = rules.where(family)

@@ -18,6 +18,11 @@ from kpgen.controller.metrics import Metrics
 
 log = logging.getLogger("kpgen.controller")  # the log name users filter on, kept
 
+# Seconds a client of kpgen's HTTP servers (/healthz, /metrics, the service health checks) may
+# take for each read and write: one that connects and sends nothing is dropped after this,
+# instead of holding a thread forever. Probes answer in milliseconds.
+REQUEST_TIMEOUT = 5.0
+
 
 @dataclass(frozen=True)
 class Timing:
@@ -75,6 +80,8 @@ def health_server(
     """/healthz (503 once a queued change waits too long) and /livez, as kube-proxy serves."""
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = REQUEST_TIMEOUT
+
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path not in ("/healthz", "/livez"):
@@ -101,4 +108,22 @@ def health_server(
     server = Server(address, Handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="healthz", daemon=True).start()
+    return server
+
+
+def metrics_server(address: tuple[str, int], metrics: Metrics) -> ThreadingHTTPServer:
+    """/metrics (any path, as prometheus_client's own server), with :data:`REQUEST_TIMEOUT`:
+    prometheus_client's ``start_http_server`` has no timeout."""
+    from prometheus_client.exposition import MetricsHandler
+
+    class Handler(MetricsHandler):
+        registry = metrics.registry
+        timeout = REQUEST_TIMEOUT
+
+    class Server(ThreadingHTTPServer):
+        address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+
+    server = Server(address, Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server

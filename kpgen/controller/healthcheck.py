@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from kpgen.controller.health import REQUEST_TIMEOUT
 from kpgen.core.model import ObjectRef
 from kpgen.core.plan import FamilyPlan
 
@@ -74,6 +75,8 @@ class ServiceHealthChecks:
         checks = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = REQUEST_TIMEOUT  # a client that sends nothing does not hold a thread
+
             def do_GET(self) -> None:
                 healthy = checks.proxy_healthy()
                 body = {

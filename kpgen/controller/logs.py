@@ -39,5 +39,7 @@ def setup_logging(verbose: int, log_format: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    for noisy in ("urllib3", "kubernetes"):
-        logging.getLogger(noisy).setLevel(logging.WARNING if verbose < 3 else logging.DEBUG)
+    # urllib3 warns about each of its own retries of a refused connection: kpgen's informers
+    # say once what failed (kpgen.inputs.api.Trouble)
+    logging.getLogger("urllib3").setLevel(logging.ERROR if verbose < 3 else logging.DEBUG)
+    logging.getLogger("kubernetes").setLevel(logging.WARNING if verbose < 3 else logging.DEBUG)

@@ -77,5 +77,13 @@ class Metrics:
             failures.replace("_sync_", "_partial_sync_").replace("_restore_", "_partial_restore_"),
             "Cumulative proxy rules partial sync failures",
         )
+        # kpgen's own: full syncs that found the node's rules changed since kpgen wrote them
+        # (by anyone: kpgen cannot tell its table from another program's commit) and loaded
+        # kpgen's rules whole again
+        self.rewrites = Counter(
+            "kpgen_sync_rules_rewritten",
+            "Cumulative full syncs that loaded kpgen's rules whole again after they changed",
+            registry=self.registry,
+        )
         self.healthz = counter("proxy_healthz", "Cumulative proxy healthz HTTP status", ("code",))
         self.livez = counter("proxy_livez", "Cumulative proxy livez HTTP status", ("code",))

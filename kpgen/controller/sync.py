@@ -10,7 +10,6 @@ makes the next sync a full one, after a backoff.
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 import time
@@ -19,9 +18,8 @@ from collections.abc import Callable, Sequence
 from kpgen.controller.health import Health, Timing
 from kpgen.controller.healthcheck import ServiceHealthChecks
 from kpgen.controller.metrics import Metrics
+from kpgen.controller.rules import NodeRules
 from kpgen.core.node import NodeConfig
-from kpgen.core.parse import ParseCache
-from kpgen.core.plan import FamilyPlan, build_plans
 from kpgen.dataplane import conntrack
 from kpgen.dataplane.apply import ApplyError, RuleLoader
 from kpgen.inputs.api import Backoff, Snapshot, Store
@@ -45,8 +43,7 @@ class Controller:
         self.service_checks = service_checks
         # after each sync, stale UDP conntrack entries are deleted with this (None: not at all)
         self.delete_flows = delete_flows
-        self.synced_plans: Sequence[FamilyPlan] | None = None
-        self.parser = ParseCache()
+        self.rules = NodeRules(node)
         self.metrics, self.health, self.timing = metrics, health, timing
         self.need_full = True
         self.last_full = 0.0
@@ -56,34 +53,44 @@ class Controller:
         self.syncs = 0
 
     def sync(self, snapshot: Snapshot) -> None:
-        """One sync of the rules to ``snapshot``; raises ApplyError when the kernel refused."""
+        """One sync of the rules to the store's objects (``snapshot``: the changes since the
+        last one); raises an error (ApplyError when the kernel refused) with the previous
+        rules in place."""
         started = time.monotonic()
-        result = self.parser.parse(snapshot.documents)
-        for problem in result.problems:
+        changes = None if self.need_full else self.rules.update(snapshot.changed)
+        rebuild = changes is None or changes.node_wide
+        for problem in changes.problems if changes else ():
             log.warning("%s", problem)
-        plans = build_plans(result.state, self.node)
-        full = self.need_full or started - self.last_full >= self.timing.sync_period
-        kind = "full" if full else "partial"
+        kind = "partial"
+        written: int | None = 0
         try:
-            written = None if full else self.loader.partial(plans)
-            if written is None:
-                kind = "full"
-                self.loader.full(plans)
-        except ApplyError:
+            if rebuild:
+                kind, written = "full", None
+                for problem in self.rules.rebuild(self.store.objects()):
+                    log.warning("%s", problem)
+                self.rules.load(self.loader)
+            else:
+                assert changes is not None
+                written = self.rules.change(changes.services, self.loader)
+            if started - self.last_full >= self.timing.sync_period and not rebuild:
+                kind = "full"  # the periodic full sync: verify, and write only if needed
+                self._verify()
+        except Exception:
+            self.need_full = True  # the kernel's state is unknown: everything again, next
+            # the sync is owed: /healthz turns 503 once it has been for the health timeout
+            # (else a node whose syncs all fail while no change is queued stays healthy)
+            self.health.queued()
             self.metrics.sync_failures.inc()
             if kind == "partial":
                 self.metrics.partial_failures.inc()
             raise
-        self._delete_stale_udp_entries(plans)
+        self._delete_stale_udp_entries()
         elapsed = time.monotonic() - started
         now = time.time()
         self.need_full = False
         self.syncs += 1
         if kind == "full":
             self.last_full = started
-            # Everything alive now lives long (the store, the parsed objects): keep the cyclic
-            # collector from walking it again and again (it was half of a 10,000-service sync).
-            gc.freeze()
             self.metrics.sync_full_duration.observe(elapsed)
         else:
             self.metrics.sync_partial_duration.observe(elapsed)
@@ -92,9 +99,9 @@ class Controller:
         for trigger in snapshot.triggers:
             self.metrics.programming_duration.observe(max(0.0, now - trigger))
         self.health.updated(self.store.pending_since())
-        if self.service_checks is not None:
-            self.service_checks.update(plans)
-        services = sum(len(p.ports) for p in plans)
+        if self.service_checks is not None and (rebuild or self.rules.health_checks_changed):
+            self.service_checks.update(self.rules.plans())
+        services = self.rules.port_count
         what = "nothing" if written == 0 else f"{written} lines" if written else "all rules"
         log.info(
             "sync: %s, %d service and %d endpoint changes, %d service ports, wrote %s, %.1f ms",
@@ -114,14 +121,32 @@ class Controller:
             },
         )
 
-    def _delete_stale_udp_entries(self, plans: Sequence[FamilyPlan]) -> None:
+    def _verify(self) -> None:
+        """The periodic full sync: when nf_tables moved on since kpgen's last write (someone
+        else committed: a table deleted, a chain flushed, or another program's own rules),
+        load kpgen's rules whole again; else nothing is written. iptables-legacy has no
+        generation to compare: its rules are loaded whole every time."""
+        moved = self.loader.changed_since_written()
+        if moved is None:
+            return
+        by = f" (last by {moved.process}[{moved.pid}])" if moved.pid else ""
+        log.warning(
+            "full sync: the node's rules changed since kpgen wrote them%s; loading kpgen's "
+            "rules whole again",
+            by,
+        )
+        self.metrics.rewrites.inc()
+        self.rules.load(self.loader)
+
+    def _delete_stale_udp_entries(self) -> None:
         """After a successful sync: the UDP conntrack entries it made stale
-        (kpgen.dataplane.conntrack). A failure is logged; the sync stays a success."""
-        previous, self.synced_plans = self.synced_plans, plans
+        (kpgen.dataplane.conntrack), from the service ports it changed. A failure is logged;
+        the sync stays a success."""
+        previous, current = self.rules.changed_ports()
         if self.delete_flows is None:
             return
         try:
-            flows = conntrack.stale_udp_flows(previous, plans)
+            flows = conntrack.stale_udp_flows(previous, current)
             deleted = self.delete_flows(flows) if flows else 0
         except Exception as error:  # best effort: never fails the sync
             log.warning("conntrack: stale UDP entries not deleted: %s", error)
@@ -157,7 +182,7 @@ class Controller:
                 stop.wait(self.timing.min_sync_period - since)
             if stop.is_set():
                 return
-            snapshot = self.store.take()
+            snapshot = self.store.take(documents=False)
             self.metrics.service_changes_pending.set(0)
             self.metrics.endpoint_changes_pending.set(0)
             self.metrics.service_changes_total.inc(snapshot.service_changes)
@@ -170,7 +195,6 @@ class Controller:
                 self.need_full = True
                 delay = self.backoff.next()
                 if not isinstance(error, ApplyError):  # not the kernel's refusal: a bug of ours
-                    self.metrics.sync_failures.inc()
                     log.debug("sync failed", exc_info=True)
                     error = RuntimeError(f"{type(error).__name__}: {error}")
                 log.error(

@@ -193,6 +193,7 @@ class Node:
     name: str
     zone: str | None = None
     addresses: tuple[IPAddress, ...] = ()
+    pod_cidrs: tuple[IPNetwork, ...] = ()  # spec.podCIDRs (detectLocalMode NodeCIDR)
 
     @property
     def ref(self) -> ObjectRef:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,29 @@ class ProxyMode(enum.Enum):
     IPTABLES = "iptables"
 
 
+class DetectLocal(enum.Enum):
+    """kube-proxy's detectLocalMode: how traffic from this node's pods is told apart."""
+
+    CLUSTER_CIDR = "ClusterCIDR"  # the source is in clusterCIDR
+    NODE_CIDR = "NodeCIDR"  # the source is in the Node's spec.podCIDRs
+    BRIDGE_INTERFACE = "BridgeInterface"  # it came in on detectLocal.bridgeInterface
+    INTERFACE_NAME_PREFIX = "InterfaceNamePrefix"  # on an interface named prefix*
+
+
+# A Linux interface name (at most 15 characters, IFNAMSIZ - 1), restricted to characters that
+# need no quoting in nft or iptables rules.
+INTERFACE_NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,15}$")
+
+
+@dataclass(frozen=True, order=True)
+class LocalInterface:
+    """Local traffic by the interface it came in on: ``name`` exactly, or (``prefix``) every
+    interface whose name starts with it (nft ``iifname "name*"``, iptables ``-i name+``)."""
+
+    name: str
+    prefix: bool = False
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     """What a proxy needs to know about the node it programs."""
@@ -51,6 +75,21 @@ class NodeConfig:
     node_ips: tuple[IPAddress, ...] = ()
     service_cidrs: tuple[IPNetwork, ...] = ()
     masquerade_bit: int = MASQUERADE_BIT
+    detect_local: DetectLocal = DetectLocal.CLUSTER_CIDR
+    local_interface: LocalInterface | None = None  # BridgeInterface, InterfaceNamePrefix
+
+    def local_cidrs(
+        self, family: IPFamily, pod_cidrs: Sequence[IPNetwork] = ()
+    ) -> tuple[IPNetwork, ...]:
+        """The sources that count as this node's pods for ``family`` (``pod_cidrs``: the
+        Node's spec.podCIDRs); empty: no local detection by address."""
+        if self.detect_local is DetectLocal.CLUSTER_CIDR:
+            networks: Sequence[IPNetwork] = self.cluster_cidrs
+        elif self.detect_local is DetectLocal.NODE_CIDR:
+            networks = _merged(tuple(pod_cidrs))
+        else:
+            networks = ()
+        return tuple(n for n in networks if IPFamily.of(n) is family)
 
     @property
     def masquerade_mark(self) -> int:
@@ -85,6 +124,10 @@ class NodeFlags:
     # A config file has masqueradeAll per mode section; which applies is known once flags
     # have overridden the mode.
     masquerade_all_by_mode: Mapping[str, bool] = field(default_factory=dict)
+    masquerade_bit_by_mode: Mapping[str, int] = field(default_factory=dict)
+    detect_local_mode: str | None = None
+    bridge_interface: str | None = None
+    interface_prefix: str | None = None
 
 
 # Each setting's name as a flag and as a KubeProxyConfiguration field, for messages.
@@ -96,6 +139,9 @@ SETTING_NAMES = {
     "nodeport_addresses": ("--nodeport-addresses", "nodePortAddresses"),
     "node_ips": ("--node-ip", "--node-ip"),
     "service_cidrs": ("--service-cidr", "--service-cidr"),
+    "detect_local_mode": ("--detect-local-mode", "detectLocalMode"),
+    "bridge_interface": ("--pod-bridge-interface", "detectLocal.bridgeInterface"),
+    "interface_prefix": ("--pod-interface-name-prefix", "detectLocal.interfaceNamePrefix"),
 }
 
 
@@ -123,34 +169,10 @@ def _split(values: Sequence[str]) -> list[str]:
 
 def config_flags(doc: Any, source: str) -> NodeFlags:
     """The node settings of a decoded KubeProxyConfiguration, as if given as flags; ``source``
-    names it in messages (``--config: FILE``)."""
-    root = Field(doc)
-    try:
-        root.mapping()
-        for key, expected in zip(("apiVersion", "kind"), CONFIG_API, strict=True):
-            value = root.get(key)
-            if value is None or value.value != expected:
-                got = show(value.value) if value else "nothing"
-                raise Invalid(key, f"expected {expected}, got {got}")
-        mode = root.get("mode")
-        by_mode = {}
-        for section in ("iptables", "nftables"):
-            block = root.get(section)
-            setting = block.get("masqueradeAll") if block else None
-            if setting is not None:
-                by_mode[section] = setting.boolean()
-        hostname = root.get("hostnameOverride")
-        cidrs = root.get("clusterCIDR")
-        nodeports = root.get("nodePortAddresses")
-        return NodeFlags(
-            mode=mode.string() or None if mode else None,
-            hostname=hostname.string() if hostname else None,
-            cluster_cidrs=[cidrs.string()] if cidrs else (),
-            nodeport_addresses=[f.string() for f in nodeports.items()] if nodeports else (),
-            masquerade_all_by_mode=by_mode,
-        )
-    except Invalid as error:
-        raise ConfigError(f"{source}: {error}") from None
+    names it in messages (``--config: FILE``). The whole file: kpgen.core.kubeproxy."""
+    from kpgen.core.kubeproxy import read_config
+
+    return read_config(doc, source).node
 
 
 def node_config(
@@ -159,18 +181,21 @@ def node_config(
     base: NodeFlags | None = None,
     base_source: str = "--config",
     host_name: str | None = None,
+    base_origin: Mapping[str, str] | None = None,
 ) -> NodeConfig:
     """Validate the node settings; ``flags`` override ``base`` (a config file's values, read
     from ``base_source``). The node's name defaults to ``host_name``. A bad value is reported
-    under the flag, or the file and field, it came from."""
+    under the flag, or the file and field, it came from (``base_origin``: the base's fields
+    that kube-proxy flags set, by field)."""
     base = base or NodeFlags()
+    base_origin = base_origin or {}
 
     def pick(name: str) -> tuple[Any, str]:
         flag, config_field = SETTING_NAMES[name]
         given = getattr(flags, name)
         if given not in (None, (), []):
             return given, flag
-        return getattr(base, name), f"{base_source}: {config_field}"
+        return getattr(base, name), base_origin.get(config_field, f"{base_source}: {config_field}")
 
     mode_name, where = pick("mode")
     try:
@@ -190,13 +215,15 @@ def node_config(
     primary = PRIMARY in nodeport_values
     if primary and len(nodeport_values) > 1:
         raise ConfigError(f"{nodeport_where}: {PRIMARY!r} cannot be combined with CIDRs")
-    node_ips = _values("--node-ip", flags.node_ips, parse_ip)
+    # --node-ip; else a specific bindAddress (kube-proxy takes it as the node's IP)
+    node_ips = _values("--node-ip", flags.node_ips or base.node_ips, parse_ip)
     if primary and not node_ips:
         raise ConfigError(f"{nodeport_where}: {PRIMARY} needs the node's address (--node-ip)")
     masquerade_all = flags.masquerade_all
     if masquerade_all is None:
         masquerade_all = base.masquerade_all_by_mode.get(mode.value, False)
     cidrs, cidr_where = pick("cluster_cidrs")
+    detect_local, local_interface = _detect_local(pick)
     return NodeConfig(
         hostname=hostname,
         mode=mode,
@@ -208,4 +235,28 @@ def node_config(
         nodeport_primary=primary,
         node_ips=node_ips,
         service_cidrs=_merged(_values("--service-cidr", _split(flags.service_cidrs), parse_cidr)),
+        masquerade_bit=base.masquerade_bit_by_mode.get(mode.value, MASQUERADE_BIT),
+        detect_local=detect_local,
+        local_interface=local_interface,
     )
+
+
+def _detect_local(pick: Any) -> tuple[DetectLocal, LocalInterface | None]:
+    """detectLocalMode and the interface it needs, as kube-proxy validates them."""
+    mode_name, where = pick("detect_local_mode")
+    try:
+        mode = DetectLocal(mode_name or DetectLocal.CLUSTER_CIDR.value)
+    except ValueError:
+        allowed = ", ".join(m.value for m in DetectLocal)
+        raise ConfigError(f"{where}: {show(mode_name)} is not one of {allowed}") from None
+    if mode not in (DetectLocal.BRIDGE_INTERFACE, DetectLocal.INTERFACE_NAME_PREFIX):
+        return mode, None
+    prefix = mode is DetectLocal.INTERFACE_NAME_PREFIX
+    name, where = pick("interface_prefix" if prefix else "bridge_interface")
+    if not name:
+        raise ConfigError(f"{where}: must be set for detectLocalMode {mode.value}")
+    if not INTERFACE_NAME.match(name) or name in (".", ".."):
+        raise ConfigError(
+            f"{where}: {show(name)} is not an interface name (at most 15 of A-Z a-z 0-9 _ . @ -)"
+        )
+    return mode, LocalInterface(name, prefix)

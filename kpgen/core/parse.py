@@ -33,6 +33,7 @@ from kpgen.core.model import (
     EndpointSlice,
     IPAddress,
     IPFamily,
+    IPNetwork,
     Node,
     ObjectRef,
     Protocol,
@@ -348,10 +349,18 @@ def parse_node(doc: Field) -> Node:
         kind = entry.get("type")
         if kind is not None and kind.string() in ("InternalIP", "ExternalIP"):
             addresses.append(entry["address"].ip())
+    spec = doc.get("spec")
+    cidrs = (spec.get("podCIDRs") or spec.get("podCIDR")) if spec else None
+    pod_cidrs: tuple[IPNetwork, ...]
+    if cidrs is not None and isinstance(cidrs.value, str):  # podCIDR, the older single field
+        pod_cidrs = (cidrs.cidr(),)
+    else:
+        pod_cidrs = tuple(c.cidr() for c in cidrs.items()) if cidrs else ()
     return Node(
         name=meta["name"].name(DNS1123_SUBDOMAIN, SUBDOMAIN_MAX),
         zone=Field(zone, f"metadata.labels.{ZONE_LABEL}").string() if zone is not None else None,
         addresses=tuple(dict.fromkeys(addresses)),
+        pod_cidrs=tuple(dict.fromkeys(pod_cidrs)),
     )
 
 
@@ -365,28 +374,38 @@ _PARSERS: dict[tuple[str, str], Callable[[Field], Service | EndpointSlice | Node
 }
 
 
-def _conflicts(services: list[Service], problems: list[Problem]) -> list[Service]:
+Claim = tuple[Any, ...]
+
+
+def service_claims(service: Service) -> dict[Claim, str]:
+    """What a service claims (its NodePorts; each address, protocol and port), and the field
+    that claims it."""
+    claims: dict[Claim, str] = {}
+    for i, port in enumerate(service.ports):
+        path = f"spec.ports[{i}]"
+        if port.node_port is not None:
+            claims[("nodePort", port.protocol, port.node_port)] = f"{path}.nodePort"
+        addresses = (*service.cluster_ips, *service.external_ips, *service.load_balancer_ips)
+        for address in addresses:
+            claims.setdefault(("address", address, port.protocol, port.port), f"{path}.port")
+    return claims
+
+
+def _age(service: Service) -> tuple[bool, str, ObjectRef]:
+    stamp = service.creation_timestamp
+    return (stamp is None, stamp or "", service.ref)
+
+
+def resolve_conflicts(services: Iterable[Service], problems: list[Problem]) -> list[Service]:
     """Keep the first service (oldest, then by name) of any that claim the same address.
 
     Two services may not share a NodePort, nor an address, protocol and port: the API
     server prevents it, but a set of manifests may not have been through one.
     """
-
-    def age(service: Service) -> tuple[bool, str, ObjectRef]:
-        stamp = service.creation_timestamp
-        return (stamp is None, stamp or "", service.ref)
-
-    owners: dict[tuple[Any, ...], ObjectRef] = {}
+    owners: dict[Claim, ObjectRef] = {}
     kept = []
-    for service in sorted(services, key=age):
-        claims: dict[tuple[Any, ...], str] = {}
-        for i, port in enumerate(service.ports):
-            path = f"spec.ports[{i}]"
-            if port.node_port is not None:
-                claims[("nodePort", port.protocol, port.node_port)] = f"{path}.nodePort"
-            addresses = (*service.cluster_ips, *service.external_ips, *service.load_balancer_ips)
-            for address in addresses:
-                claims.setdefault(("address", address, port.protocol, port.port), f"{path}.port")
+    for service in sorted(services, key=_age):
+        claims = service_claims(service)
         clash = next(((k, p) for k, p in claims.items() if k in owners), None)
         if clash is not None:
             key, path = clash
@@ -449,7 +468,7 @@ def assemble(outcomes: Iterable[Outcome]) -> ParseResult:
             parsed[(type(outcome), outcome.ref)] = outcome
     services = [o for o in parsed.values() if isinstance(o, Service)]
     slices = [o for o in parsed.values() if isinstance(o, EndpointSlice)]
-    services = _conflicts(services, result.problems)
+    services = resolve_conflicts(services, result.problems)
     result.state = ClusterState(
         services=tuple(sorted(services, key=lambda s: s.ref)),
         slices=tuple(sorted(slices, key=lambda s: s.ref)),

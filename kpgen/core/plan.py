@@ -22,13 +22,14 @@ from kpgen.core.model import (
     IPAddress,
     IPFamily,
     IPNetwork,
+    Node,
     ObjectRef,
     Service,
     ServicePort,
     SessionAffinity,
     TrafficPolicy,
 )
-from kpgen.core.node import NodeConfig
+from kpgen.core.node import LocalInterface, NodeConfig
 
 
 @dataclass(frozen=True, order=True)
@@ -130,6 +131,11 @@ class FamilyPlan:
     masquerade_mark: int
     nodeport_networks: tuple[IPNetwork, ...] | None
     service_cidrs: tuple[IPNetwork, ...] = ()
+    node_name: str = ""  # recorded in the rules, for kpgen status and explain --live
+    # detectLocalMode BridgeInterface / InterfaceNamePrefix: this node's pods' traffic comes in
+    # on this interface (then cluster_cidrs is empty). ClusterCIDR and NodeCIDR: None, and
+    # cluster_cidrs holds the clusterCIDR or the Node's podCIDRs.
+    local_interface: LocalInterface | None = None
 
     @property
     def served(self) -> tuple[PortPlan, ...]:
@@ -249,27 +255,53 @@ def build_plan(state: ClusterState, node: NodeConfig, family: IPFamily) -> Famil
         if endpoint_slice.family is family:
             slices_of[endpoint_slice.service].append(endpoint_slice)
     node_object = state.node(node.hostname)
-    zone = node_object.zone if node_object else None
-    # the node's own addresses: --node-ip, and those its Node object lists
-    node_addresses = (*node.node_ips, *(node_object.addresses if node_object else ()))
     ports = []
     for service in state.services:
-        cluster_ip = service.cluster_ip(family)
-        if cluster_ip is None:
-            continue
-        ranges = _source_ranges(service, family, node_addresses)
-        ports.extend(
-            _port_plans(service, cluster_ip, slices_of[service.ref], node, zone, family, ranges)
-        )
+        ports.extend(service_port_plans(service, slices_of[service.ref], node, node_object, family))
+    return family_plan(node, family, ports, node_object)
+
+
+def port_order(port: PortPlan) -> tuple[ObjectRef, str, int]:
+    """The order of service ports in a plan (and in the rules)."""
+    return (port.service, port.port.protocol.value, port.port.port)
+
+
+def family_plan(
+    node: NodeConfig, family: IPFamily, ports: Iterable[PortPlan], node_object: Node | None = None
+) -> FamilyPlan:
+    """The plan of ``family`` on ``node`` with these service ports (``node_object``: its Node,
+    whose podCIDRs are the local range under detectLocalMode NodeCIDR)."""
     return FamilyPlan(
         family=family,
-        ports=tuple(sorted(ports, key=lambda p: (p.service, p.port.protocol.value, p.port.port))),
-        cluster_cidrs=tuple(n for n in node.cluster_cidrs if IPFamily.of(n) is family),
+        ports=tuple(sorted(ports, key=port_order)),
+        cluster_cidrs=node.local_cidrs(family, node_object.pod_cidrs if node_object else ()),
         masquerade_all=node.masquerade_all,
         masquerade_mark=node.masquerade_mark,
         nodeport_networks=node.nodeport_networks(family),
         service_cidrs=tuple(n for n in node.service_cidrs if IPFamily.of(n) is family),
+        node_name=node.hostname,
+        local_interface=node.local_interface,
     )
+
+
+def service_port_plans(
+    service: Service,
+    slices: Iterable[EndpointSlice],
+    node: NodeConfig,
+    node_object: Node | None,
+    family: IPFamily,
+) -> list[PortPlan]:
+    """The plans of one service's ports in ``family`` (none without a ClusterIP of it), from
+    its EndpointSlices (those of other families are left out) and this node's Node object."""
+    cluster_ip = service.cluster_ip(family)
+    if cluster_ip is None:
+        return []
+    zone = node_object.zone if node_object else None
+    # the node's own addresses: --node-ip, and those its Node object lists
+    node_addresses = (*node.node_ips, *(node_object.addresses if node_object else ()))
+    ranges = _source_ranges(service, family, node_addresses)
+    own = [s for s in slices if s.family is family]
+    return _port_plans(service, cluster_ip, own, node, zone, family, ranges)
 
 
 def _source_ranges(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from kpgen.core.model import IPFamily
@@ -21,9 +21,11 @@ from kpgen.core.names import AFFINITY_PREFIX, NFT_TABLE
 from kpgen.core.node import ProxyMode
 from kpgen.core.plan import FamilyPlan
 from kpgen.dataplane.kernel import (
+    Generation,
     KernelError,
     Nft,
     detect_iptables_variant,
+    generation,
     iptables_save,
     iptables_tool,
     iptables_variants,
@@ -33,7 +35,7 @@ from kpgen.dataplane.kernel import (
 )
 from kpgen.dataplane.lock import writer_lock
 from kpgen.dataplane.run import LOAD_TIMEOUT, DataplaneError, failure, run, which
-from kpgen.render.delta import iptables_delta, nft_delta
+from kpgen.render.delta import iptables_delta
 from kpgen.render.text import IPTABLES_JUMPS, IptablesJump, render_plan
 
 IPTABLES_TABLES = ("nat", "filter")
@@ -202,22 +204,30 @@ def apply_plans(
     *,
     check: bool = False,
     iptables_variant: str = "auto",
+    nft_tables: Mapping[IPFamily, str] | None = None,
 ) -> Applied:
     """Load the plans' rules in ``mode`` and remove the other mode's, holding the writer lock
-    from the first read of the kernel's state to the last write."""
+    from the first read of the kernel's state to the last write. ``nft_tables``: the plans'
+    nftables tables, rendered already."""
     require_root()
     with writer_lock():
-        return _apply_plans(plans, mode, check, iptables_variant)
+        return _apply_plans(plans, mode, check, iptables_variant, nft_tables)
 
 
 def _apply_plans(
-    plans: Sequence[FamilyPlan], mode: ProxyMode, check: bool, iptables_variant: str
+    plans: Sequence[FamilyPlan],
+    mode: ProxyMode,
+    check: bool,
+    iptables_variant: str,
+    nft_tables: Mapping[IPFamily, str] | None = None,
 ) -> Applied:
     families = [plan.family for plan in plans]
     variant = None
     if mode is ProxyMode.NFTABLES:
         nft = Nftables()
-        nft.apply({p.family: render_plan(p, mode) for p in plans}, check=check)
+        if nft_tables is None:
+            nft_tables = {p.family: render_plan(p, mode) for p in plans}
+        nft.apply(dict(nft_tables), check=check)
         done = f"nftables via {nft.via}"
     else:
         variant = detect_iptables_variant() if iptables_variant == "auto" else iptables_variant
@@ -238,54 +248,76 @@ def _apply_plans(
 
 
 class RuleLoader:
-    """Loads a node's rules again and again, as the controller does: it keeps what it loaded
-    last, so that the next load can be partial (only what changed, kpgen.render.delta)."""
+    """Loads a node's rules again and again, as the controller does. nftables: whole tables
+    (:meth:`load_nft`) or transactions that change some service ports (:meth:`change_nft`,
+    kpgen.render.delta); it remembers nf_tables' generation after its last write, so that a
+    full sync can tell whether anyone wrote since (:meth:`changed_since_written`). iptables:
+    it keeps what it loaded last, so that the next load can rewrite only the chains that
+    changed (:meth:`partial`)."""
 
     def __init__(self, mode: ProxyMode, iptables_variant: str = "auto") -> None:
         self.mode = mode
         self.iptables_variant = iptables_variant
         self.loaded: dict[IPFamily, str] | None = None
         self._nft: Nftables | None = None
+        self.written: Generation | None = None  # nf_tables' generation after the last write
+
+    def _wrote(self) -> None:
+        self.written = generation()
+
+    def changed_since_written(self) -> Generation | None:
+        """nf_tables' generation if someone committed since kpgen's last write (or it is
+        unknown), else None: kpgen's rules are as it left them."""
+        if self.mode is ProxyMode.IPTABLES and self.iptables_variant == "legacy":
+            return Generation(-1)  # iptables-legacy moves no generation: always unknown
+        now = generation()
+        if now is None or self.written is None or now.id != self.written.id:
+            return now or Generation(-1)
+        return None
+
+    def load_nft(self, plans: Sequence[FamilyPlan], tables: Mapping[IPFamily, str]) -> None:
+        """Load whole nftables tables (and remove the iptables rules)."""
+        self.written = None
+        apply_plans(plans, self.mode, nft_tables=tables)
+        self._wrote()
+
+    def change_nft(self, script: str) -> None:
+        """One transaction of nft commands (kpgen.render.delta)."""
+        self.written = None
+        with writer_lock():
+            self._nft = self._nft or Nftables()  # one libnftables context
+            self._nft.run(script)
+            self._wrote()
 
     def _texts(self, plans: Sequence[FamilyPlan]) -> dict[IPFamily, str]:
-        if self.mode is ProxyMode.NFTABLES:
-            return {p.family: render_plan(p, self.mode) for p in plans}
         return {p.family: render_plan(p, self.mode, insert_jumps=()) for p in plans}
 
     def full(self, plans: Sequence[FamilyPlan]) -> str:
         """Load everything (and remove the other mode's rules); returns a summary."""
         self.loaded = None  # if this fails, the kernel's state is unknown: the next is full
+        self.written = None
         applied = apply_plans(plans, self.mode, iptables_variant=self.iptables_variant)
         if applied.iptables_variant is not None:
             self.iptables_variant = applied.iptables_variant
         self.loaded = self._texts(plans)
+        self._wrote()
         return applied.summary
 
     def partial(self, plans: Sequence[FamilyPlan]) -> int | None:
-        """Load only what changed since the last load: the number of commands written (0:
-        nothing changed), or None when the change needs a full load."""
+        """iptables: load only the chains that changed since the last load: the number of
+        lines written (0: nothing changed), or None when the change needs a full load."""
         if self.loaded is None or set(self.loaded) != {p.family for p in plans}:
             return None
         wanted = self._texts(plans)
-        scripts: dict[IPFamily, str] = {}
-        for family, text in wanted.items():
-            if self.mode is ProxyMode.NFTABLES:
-                delta = nft_delta(self.loaded[family], text)
-                if delta is None:
-                    return None
-            else:
-                delta = iptables_delta(self.loaded[family], text)
-            scripts[family] = delta
+        scripts = {f: iptables_delta(self.loaded[f], text) for f, text in wanted.items()}
         written = sum(script.count("\n") for script in scripts.values())
         if written:
             self.loaded = None
+            self.written = None
             with writer_lock():
-                if self.mode is ProxyMode.NFTABLES:
-                    self._nft = self._nft or Nftables()  # one libnftables context: its cache
-                    self._nft.run("".join(scripts.values()))
-                else:
-                    for family, script in scripts.items():
-                        if script:
-                            Iptables(self.iptables_variant, family).restore(script)
+                for family, script in scripts.items():
+                    if script:
+                        Iptables(self.iptables_variant, family).restore(script)
+                self._wrote()
         self.loaded = wanted
         return written

@@ -14,6 +14,7 @@ and for ``kpgen explain``.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import tempfile
@@ -22,7 +23,7 @@ from typing import Any
 
 from kpgen.core.model import IPFamily
 from kpgen.core.names import IPT_PREFIX, NFT_TABLE, is_ipt_chain
-from kpgen.dataplane.run import QUERY_TIMEOUT, DataplaneError, run, which
+from kpgen.dataplane.run import LOAD_TIMEOUT, QUERY_TIMEOUT, DataplaneError, run, which
 
 IPTABLES_VARIANTS = ("nft", "legacy")
 # Chains that kubelet makes in whichever iptables the node uses (kube-proxy's wrapper reads them).
@@ -32,6 +33,36 @@ CONTEXT_LINES = 2
 
 class KernelError(DataplaneError):
     """The kernel (through nft or iptables-restore) refused a transaction or a listing."""
+
+
+NEEDS_ROOT = "reading kpgen's rules needs root (CAP_NET_ADMIN): run kpgen as root, e.g. with sudo"
+CAP_NET_ADMIN = 12  # linux/capability.h
+_REFUSED = ("Operation not permitted", "Permission denied")
+
+
+class NoPermission(KernelError):
+    """The kernel refused to list the rules: the process lacks CAP_NET_ADMIN (not root)."""
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(NEEDS_ROOT + (f" ({detail})" if detail else ""))
+
+
+def has_net_admin() -> bool:
+    """Whether this process may read and change the rules of its network namespace (its
+    effective capabilities hold CAP_NET_ADMIN). Asked of /proc before nft is, because
+    libnftables prints its own refusal on stderr."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as stream:
+            for line in stream:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return True  # cannot tell: let the kernel answer
+
+
+def _refused(error: str) -> bool:
+    return any(word in error for word in _REFUSED)
 
 
 def with_context(message: str, text: str) -> str:
@@ -53,8 +84,10 @@ def with_context(message: str, text: str) -> str:
 class Nft:
     """One libnftables context (or the ``nft`` tool): scripts in, JSON listings out."""
 
-    def __init__(self, use_binding: bool = True) -> None:
+    def __init__(self, use_binding: bool | None = None) -> None:
         self._binding: Any = None
+        if use_binding is None:  # KPGEN_NFT_BINDING=0: the nft tool even where the binding is
+            use_binding = os.environ.get("KPGEN_NFT_BINDING", "1") != "0"
         if use_binding:
             try:
                 import nftables  # type: ignore[import-untyped]  # Debian's python3-nftables
@@ -80,7 +113,8 @@ class Nft:
                 finally:
                     self._binding.set_dry_run(False)
             else:
-                result = run(["nft", *(["-c"] if check else []), "-f", handle.name])
+                argv = ["nft", *(["-c"] if check else []), "-f", handle.name]
+                result = run(argv, timeout=LOAD_TIMEOUT)
                 rc, output, error = result.returncode, result.stdout, result.stderr
             if rc != 0:
                 raise KernelError(with_context(str(error).replace(handle.name, "rules"), text))
@@ -102,6 +136,8 @@ class Nft:
             result = run(["nft", *flags, *shlex.split(command)], timeout=QUERY_TIMEOUT)
             rc, output, error = result.returncode, result.stdout, result.stderr
         if rc != 0:
+            if _refused(str(error)):
+                raise NoPermission(f"nft {command}: {str(error).strip()}")
             raise KernelError(f"nft {command}: {str(error).strip()}")
         try:
             items = json.loads(output or "{}").get("nftables", [])
@@ -130,6 +166,38 @@ class Nft:
 
 
 # --- iptables ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The ruleset generation of the network namespace's nf_tables: every committed
+    transaction (nft, iptables-nft, anyone's) moves it on; and who committed last."""
+
+    id: int
+    pid: int | None = None
+    process: str | None = None
+
+
+def generation() -> Generation | None:
+    """nf_tables' generation now (one netlink request, through pyroute2), or None when it
+    cannot be read."""
+    try:
+        from pyroute2.netlink.nfnetlink import nfgen_msg  # type: ignore[import-untyped]
+        from pyroute2.netlink.nfnetlink.nftsocket import (  # type: ignore[import-untyped]
+            NFT_MSG_GETGEN,
+            NFTSocket,
+        )
+    except ImportError:
+        return None
+    try:
+        with NFTSocket() as sock:
+            (answer,) = sock.request_get(nfgen_msg(), NFT_MSG_GETGEN)
+    except (OSError, ValueError):
+        return None
+    found = dict(answer["attrs"])
+    return Generation(
+        int(found["NFTA_GEN_ID"]), found.get("NFTA_GEN_PROC_PID"), found.get("NFTA_GEN_PROC_NAME")
+    )
 
 
 def iptables_tool(variant: str, family: IPFamily, suffix: str = "") -> str:
@@ -205,6 +273,8 @@ def iptables_save(variant: str, family: IPFamily, table: str | None = None) -> s
     argv = [iptables_tool(variant, family, "-save"), *(["-t", table] if table else [])]
     result = run(argv, timeout=QUERY_TIMEOUT)
     if result.returncode != 0:
+        if _refused(result.stderr):
+            raise NoPermission(f"{argv[0]}: {result.stderr.strip()}")
         raise KernelError(f"{argv[0]}: {result.stderr.strip()}")
     return result.stdout
 

@@ -34,9 +34,15 @@ def lock_path() -> str:
 
 
 @contextmanager
-def writer_lock(wait: float = WAIT, path: str | None = None) -> Iterator[None]:
-    """Hold the writer lock for the block; wait up to ``wait`` seconds for it."""
+def writer_lock(wait: float | None = None, path: str | None = None) -> Iterator[None]:
+    """Hold the writer lock for the block; wait up to ``wait`` seconds for it (default:
+    ``KPGEN_LOCK_WAIT`` if set, else :data:`WAIT`)."""
     path = path or lock_path()
+    if wait is None:
+        try:
+            wait = float(os.environ.get("KPGEN_LOCK_WAIT") or WAIT)
+        except ValueError:
+            wait = WAIT
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as error:

@@ -27,6 +27,19 @@ SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 # growing faster than linearly, docs/performance.md); nft -f loads 10,000 services in 1.7 s.
 LOAD_TIMEOUT = 300.0
 QUERY_TIMEOUT = 30.0  # a listing, a single check, a conntrack deletion
+
+
+def _seconds_from_env(name: str, default: float) -> float:
+    """A timeout from the environment (the fault tests make them short), else ``default``."""
+    try:
+        value = float(os.environ.get(name) or default)
+    except ValueError:
+        return default
+    return value if value > 0 else default
+
+
+LOAD_TIMEOUT = _seconds_from_env("KPGEN_LOAD_TIMEOUT", LOAD_TIMEOUT)
+QUERY_TIMEOUT = _seconds_from_env("KPGEN_QUERY_TIMEOUT", QUERY_TIMEOUT)
 # for the callers of run and spawn, who need not import subprocess for these
 DEVNULL, PIPE, STDOUT = subprocess.DEVNULL, subprocess.PIPE, subprocess.STDOUT
 Completed = subprocess.CompletedProcess  # what run returns

@@ -16,6 +16,7 @@ fits an 80-column terminal.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import ipaddress
 import json
 import re
@@ -30,7 +31,15 @@ from kpgen.core.model import ClusterState, IPAddress, IPFamily, IPNetwork, Servi
 from kpgen.core.names import IPT_PREFIX, NFT_TABLE
 from kpgen.core.node import NodeConfig, ProxyMode
 from kpgen.core.plan import FamilyPlan, PortPlan, build_plans
-from kpgen.dataplane.kernel import Nft, iptables_save, iptables_tool, iptables_variants
+from kpgen.dataplane.kernel import (
+    NEEDS_ROOT,
+    Nft,
+    NoPermission,
+    has_net_admin,
+    iptables_save,
+    iptables_tool,
+    iptables_variants,
+)
 from kpgen.dataplane.run import DataplaneError, run
 from kpgen.explain.nft_json import read_nft_json
 from kpgen.explain.rules import (
@@ -50,7 +59,7 @@ from kpgen.explain.rules import (
     read_iptables_line,
 )
 from kpgen.explain.trace import Hop, Locality, Packet, Tracer, Walk, percent
-from kpgen.render.text import render_plan
+from kpgen.render.text import read_node_comment, render_plan
 
 # "a client somewhere outside": TEST-NET-3, and IPv6's documentation prefix
 DEFAULT_CLIENTS: dict[IPFamily, IPAddress] = {
@@ -126,6 +135,16 @@ class Loaded:
     nft: Nft | None = field(default=None, repr=False)  # nftables: the context that found them
     nft_families: frozenset[IPFamily] = frozenset()  # nftables: those kpgen has a table of
     _read: dict[IPFamily, Ruleset | None] = field(default_factory=dict, repr=False)
+    _recorded: dict[str, str] | None = field(default=None, repr=False)
+
+    def recorded(self) -> dict[str, str] | None:
+        """The node's name and settings the rules record (``node``, ``cluster-cidr``, ...),
+        or None where they record none (rules loaded by a kpgen that did not write them)."""
+        for family in self.families():
+            self.read(family)
+            if self._recorded is not None:
+                break
+        return self._recorded
 
     def where(self, family: IPFamily = IPFamily.V4) -> str:
         """``nft table ip kpgen``, ``iptables-nft``, ``ip6tables-legacy``, ..."""
@@ -151,6 +170,8 @@ class Loaded:
         if family not in self._read:
             try:
                 self._read[family] = self._load(family)
+            except NoPermission as error:
+                raise ExplainError(str(error)) from None
             except DataplaneError as error:
                 raise ExplainError(f"cannot read the {self.mode} rules: {error}") from None
             except RuleSyntaxError as error:
@@ -161,15 +182,27 @@ class Loaded:
         if self.nft is not None:
             if family not in self.nft_families:
                 return None
-            return read_nft_json(self.nft.json(f"list table {_nft_table(family)}"), family)
+            items = self.nft.json(f"list table {_nft_table(family)}")
+            for item in items:  # the table's comment (newer nft lists it), or a rule's
+                obj = item.get("table") or item.get("rule")
+                if self._recorded is None and isinstance(obj, dict):
+                    self._recorded = read_node_comment(obj.get("comment"))
+            return read_nft_json(items, family)
         assert self.variant is not None
-        ruleset = parse_iptables(iptables_save(self.variant, family), "kernel", family)
+        saved = iptables_save(self.variant, family)
+        if self._recorded is None:
+            found = _RECORDED.search(saved)
+            self._recorded = read_node_comment(found.group(1)) if found else None
+        ruleset = parse_iptables(saved, "kernel", family)
         if not any(c.name.startswith(IPT_PREFIX) for c in ruleset.chains.values()):
             return None
         for name, element_set in ruleset.sets.items():
             if name.startswith("recent:"):
                 _read_recent(name.removeprefix("recent:"), element_set)
         return ruleset
+
+
+_RECORDED = re.compile(r'--comment "(rules for kpgen;[^"]*)"')
 
 
 def _nft_table(family: IPFamily) -> str:
@@ -181,12 +214,16 @@ def loaded_rules(mode: str | None = None, iptables_backend: str = "auto") -> lis
     """kpgen's rules loaded in the current network namespace, per kind (``mode``: only that
     mode's). Reading never creates anything (legacy iptables is read only when its tables
     exist). kpgen always loads IPv4 rules: iptables variants are told by their IPv4 rules."""
+    if not has_net_admin():
+        raise ExplainError(NEEDS_ROOT)
     found = []
     if mode in (None, ProxyMode.NFTABLES.value):
         try:
             nft = Nft()  # the terse listing of each family's objects: fast at any size
             families = frozenset(f for f in IPFamily if nft.objects(f))
         except DataplaneError as error:
+            if isinstance(error, NoPermission):
+                raise ExplainError(str(error)) from None
             if mode is not None:
                 raise ExplainError(f"cannot read the nftables rules: {error}") from None
             families = frozenset()
@@ -199,8 +236,8 @@ def loaded_rules(mode: str | None = None, iptables_backend: str = "auto") -> lis
             try:
                 if variant in installed and loaded.read(IPFamily.V4) is not None:
                     found.append(loaded)
-            except ExplainError:
-                if mode is not None:
+            except ExplainError as error:
+                if mode is not None or NEEDS_ROOT in str(error):
                     raise
     return found
 
@@ -885,6 +922,42 @@ def candidates(
     return addresses, node_ports
 
 
+def service_names(ruleset: Ruleset) -> set[str]:
+    """The services (namespace/name) the rules name: nft's chain names (a service port
+    without endpoints has none), iptables' comments."""
+    found: set[str] = set()
+    for chain in ruleset.chains.values():
+        named = _NFT_PORT_CHAIN.match(chain.name)
+        if named is not None:
+            found.add("/".join(named.group("key").split("/")[:2]))
+        for rule in chain.rules:
+            label = _IPT_LABEL.match(rule.comment or "")
+            if label is not None:
+                found.add(label.group("key").split(":")[0])
+    return found
+
+
+def check_service(ref: str, known: set[str], where: str, rules_name_all: bool = True) -> None:
+    """An ExplainError naming ``ref`` and the services of ``known`` close to it, unless it is
+    one of them; ``where`` says where it was looked for."""
+    if ref in known:
+        return
+    message = f"--service {ref}: no such service {where}"
+    close = difflib.get_close_matches(ref, sorted(known), n=3, cutoff=0.75)
+    name = ref.rpartition("/")[2]  # the right name in another namespace
+    close += [k for k in sorted(known) if k.rpartition("/")[2] == name and k not in close]
+    if close:
+        message += "; did you mean " + " or ".join(close) + "?"
+    elif known:
+        message += f" ({len(known)} service{'s' if len(known) != 1 else ''} there)"
+    if not rules_name_all:
+        message += (
+            "; nftables rules do not name a service without endpoints: give -f MANIFESTS or "
+            "--kubeconfig FILE to look for it there"
+        )
+    raise ExplainError(message)
+
+
 def explain_service(
     ruleset: Ruleset,
     ref: str,
@@ -1000,6 +1073,7 @@ class Health:
     last_updated: str | None = None
     current_time: str | None = None
     error: str | None = None
+    refused: bool = False  # nothing listens there: no kpgen run on this node
 
 
 @dataclass
@@ -1019,11 +1093,21 @@ class Status:
     counts: Counts | None
     health: Health
     problems: list[str] = field(default_factory=list)
+    node: str | None = None  # the node the rules were made for, as they record it
+    settings: dict[str, str] = field(default_factory=dict)  # the other settings they record
+    unreadable: str | None = None  # why the rules could not be read (not root)
+
+    @property
+    def controller(self) -> bool:
+        """Whether a ``kpgen run`` answers /healthz here."""
+        return not self.health.refused
 
     @property
     def ok(self) -> bool:
-        """Rules are loaded (of one mode) and kpgen run says it is healthy."""
-        return self.counts is not None and bool(self.health.healthy) and not self.problems
+        """Rules are loaded (of one mode), and kpgen run says it is healthy or none runs (the
+        rules of ``kpgen apply``, which stay as loaded)."""
+        healthy = bool(self.health.healthy) or not self.controller
+        return self.counts is not None and healthy and not self.problems
 
 
 def health(address: str = DEFAULT_HEALTHZ, timeout: float = 3.0) -> Health:
@@ -1038,7 +1122,8 @@ def health(address: str = DEFAULT_HEALTHZ, timeout: float = 3.0) -> Health:
         code, body = error.code, error.read()
     except (OSError, ValueError) as error:
         reason = getattr(error, "reason", error)
-        return Health(address, False, error=f"{url}: {reason}")
+        refused = isinstance(reason, ConnectionRefusedError)
+        return Health(address, False, error=f"{url}: {reason}", refused=refused)
     try:
         data = json.loads(body)
     except ValueError:
@@ -1122,8 +1207,9 @@ def status(healthz: str = DEFAULT_HEALTHZ, iptables_backend: str = "auto") -> St
     """What kpgen has loaded in this network namespace (every family), and how ``kpgen run``
     is doing."""
     problems = []
-    mode = rules = None
+    mode = rules = unreadable = None
     counts = None
+    recorded: dict[str, str] = {}
     try:
         found = loaded_rules(None, iptables_backend)
         if len(found) > 1:
@@ -1135,12 +1221,17 @@ def status(healthz: str = DEFAULT_HEALTHZ, iptables_backend: str = "auto") -> St
             families = first.families()
             mode, rules = first.mode, ", ".join(first.where(f) for f in families)
             counts = count(*(first.ruleset(f) for f in families))
+            recorded = dict(first.recorded() or {})
         else:
             problems.append("no kpgen rules are loaded in this network namespace")
     except ExplainError as error:
-        problems.append(str(error))
+        if NEEDS_ROOT in str(error):
+            unreadable = str(error)
+        else:
+            problems.append(str(error))
     state = health(healthz)
-    return Status(mode, rules, counts, state, problems)
+    node = recorded.pop("node", None)
+    return Status(mode, rules, counts, state, problems, node, recorded, unreadable)
 
 
 # --- output -------------------------------------------------------------------------------------

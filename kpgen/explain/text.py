@@ -184,22 +184,42 @@ def service_text(explanation: ServiceExplanation, colour: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plural(count: int, noun: str, suffix: str = "s") -> str:
+    """``1 NodePort``, ``2 NodePorts``, ``0 service addresses``."""
+    return f"{count} {noun}{'' if count == 1 else suffix}"
+
+
 def status_text(state: Status, colour: bool = False) -> str:
     """What is loaded, and how kpgen run is doing."""
     style = _styler(colour)
     lines = []
-    if state.mode is None:
+    if state.unreadable is not None:
+        lines += _styled(
+            wrap(f"rules:      cannot tell: {state.unreadable}", 0, 12), style, fg="red"
+        )
+    elif state.mode is None:
         lines.append(style("rules:      none of kpgen's in this network namespace", fg="red"))
     else:
         lines.append(f"mode:       {state.mode} ({state.rules})")
+    if state.node is not None:
+        settings = ", ".join(f"--{k} {v}" for k, v in state.settings.items())
+        lines += wrap(f"node:       {state.node}" + (f" ({settings})" if settings else ""), 0, 12)
     if state.counts is not None:
         c = state.counts
-        lines.append(f"services:   {c.services} with endpoints: {c.service_ports} service ports, "
-                     f"{c.endpoints} endpoints")  # fmt: skip
-        lines.append(f"addresses:  {c.addresses} service addresses, {c.node_ports} NodePorts")
+        lines.append(f"services:   {c.services} with endpoints: "
+                     f"{plural(c.service_ports, 'service port')}, "
+                     f"{plural(c.endpoints, 'endpoint')}")  # fmt: skip
+        lines.append(f"addresses:  {plural(c.addresses, 'service address', 'es')}, "
+                     f"{plural(c.node_ports, 'NodePort')}")  # fmt: skip
         lines.append(f"rejecting:  {c.rejected} (service ports without endpoints)")
     h = state.health
-    if not h.reachable:
+    if not state.controller:
+        text = (
+            f"controller: none (nothing answers /healthz at {h.address}): the rules stay as "
+            "loaded, by kpgen apply; nothing keeps them in sync with the cluster"
+        )
+        lines += wrap(text, 0, 12)
+    elif not h.reachable:
         lines += _styled(wrap(f"health:     no answer: {h.error}", 0, 12), style, fg="red")
     else:
         word, hue = ("healthy", "green") if h.healthy else ("UNHEALTHY", "red")

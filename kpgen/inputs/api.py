@@ -11,6 +11,7 @@ import calendar
 import logging
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -28,12 +29,33 @@ API_VERSIONS = {SERVICE: "v1", SLICE: "discovery.k8s.io/v1", NODE: "v1"}
 TRIGGER_TIME = "endpoints.kubernetes.io/last-change-trigger-time"
 # kube-proxy's informers leave these services out on the server side.
 SERVICE_SELECTOR = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless"
+# Seconds between an informer's retries at most (0.5 s, 1 s, 2 s, then 3 s, jittered): once the
+# API answers again, kpgen notices within this and syncs the first change within ~5 s.
+RETRY_CAP = 3.0
+# At most this many programming-latency observations wait for the next sync (an initial list
+# that never completes, say a Node list refused with 403, would otherwise grow them forever).
+MAX_TRIGGERS = 1000
+NOTE_INTERVAL = 60.0  # seconds: a recurring note (410 Gone, a dropped stream) once per this
+
+
+# metadata that kpgen reads; the rest (managedFields, last-applied-configuration, owner
+# references, ...) is dropped when an object enters the store: it is most of an object's size
+_METADATA = ("name", "namespace", "labels", "creationTimestamp", "resourceVersion")
+_ANNOTATIONS = (TRIGGER_TIME,)
 
 
 def typed(kind: str, obj: dict[str, Any]) -> dict[str, Any]:
-    """An object of a list with its kind and apiVersion: a list's items carry none, and the
-    parser needs them."""
-    return {**obj, "kind": kind, "apiVersion": API_VERSIONS.get(kind, obj.get("apiVersion"))}
+    """An object of a list with its kind and apiVersion (a list's items carry none, and the
+    parser needs them), without the metadata kpgen never reads."""
+    typed = {**obj, "kind": kind, "apiVersion": API_VERSIONS.get(kind, obj.get("apiVersion"))}
+    meta = obj.get("metadata")
+    if isinstance(meta, dict):
+        kept = {k: meta[k] for k in _METADATA if k in meta}
+        notes = meta.get("annotations")
+        if isinstance(notes, dict) and any(k in notes for k in _ANNOTATIONS):
+            kept["annotations"] = {k: notes[k] for k in _ANNOTATIONS if k in notes}
+        typed["metadata"] = kept
+    return typed
 
 
 def _key(obj: dict[str, Any]) -> tuple[str, str]:
@@ -59,6 +81,8 @@ class Snapshot:
 
     documents: list[dict[str, Any]]
     service_changes: int = 0
+    # the new version of each object that changed (None: deleted), by (kind, namespace, name)
+    changed: dict[tuple[str, str, str], dict[str, Any] | None] = field(default_factory=dict)
     endpoint_changes: int = 0
     triggers: list[float] = field(default_factory=list)
     first_change: float | None = None  # wall time of the oldest change in it
@@ -76,9 +100,12 @@ class Store:
         self._changes = Snapshot([])
         self._started = time.time()
 
-    def _note(self, kind: str, obj: dict[str, Any] | None, deleted: bool = False) -> None:
+    def _note(
+        self, kind: str, key: tuple[str, str], obj: dict[str, Any] | None, deleted: bool = False
+    ) -> None:
         now = time.time()
         changes = self._changes
+        changes.changed[(kind, *key)] = None if deleted else obj
         if changes.first_change is None:
             changes.first_change = now
         if kind == SERVICE:
@@ -88,7 +115,11 @@ class Store:
             # As kube-proxy: no programming latency for deletions, nor for changes made
             # before this process started (their age is not our latency).
             trigger = _trigger_time(obj or {}, now)
-            if not deleted and trigger >= int(self._started):  # the annotation has seconds
+            if (
+                not deleted
+                and trigger >= int(self._started)  # the annotation has seconds
+                and len(changes.triggers) < MAX_TRIGGERS  # the oldest are the ones that matter
+            ):
                 changes.triggers.append(trigger)
 
     def replace(self, kind: str, objects: list[dict[str, Any]]) -> None:
@@ -98,7 +129,7 @@ class Store:
             old = self._objects[kind]
             for key in old.keys() | fresh.keys():
                 if old.get(key) != fresh.get(key):
-                    self._note(kind, fresh.get(key) or old.get(key), deleted=key not in fresh)
+                    self._note(kind, key, fresh.get(key) or old.get(key), deleted=key not in fresh)
             self._objects[kind] = fresh
             notify = kind not in self._synced or self._changes.first_change is not None
             self._synced.add(kind)
@@ -119,7 +150,7 @@ class Store:
                 if objects.get(key) == entry:
                     return
                 objects[key] = entry
-            self._note(kind, obj, deleted=event == "DELETED")
+            self._note(kind, key, objects.get(key), deleted=event == "DELETED")
             self._cond.notify_all()
         self._on_change()
 
@@ -151,24 +182,31 @@ class Store:
         with self._cond:
             self._cond.notify_all()
 
-    def take(self) -> Snapshot:
-        """Every object now, and the changes since the last take."""
+    def objects(self) -> dict[tuple[str, str, str], dict[str, Any]]:
+        """Every object now, by (kind, namespace, name)."""
+        with self._cond:
+            return {(k, *key): o for k, objs in self._objects.items() for key, o in objs.items()}
+
+    def take(self, documents: bool = True) -> Snapshot:
+        """The changes since the last take, and (``documents``) every object now."""
         with self._cond:
             changes, self._changes = self._changes, Snapshot([])
-            changes.documents = [o for objects in self._objects.values() for o in objects.values()]
+            if documents:
+                changes.documents = [o for objs in self._objects.values() for o in objs.values()]
         return changes
 
 
 class Backoff:
-    """Exponential backoff with jitter and a cap: 0.5 s, 1 s, 2 s, ... at most ``cap``."""
+    """Exponential backoff with jitter and a cap: 0.5 s, 1 s, 2 s, ... (each ±20 %), never
+    more than ``cap``."""
 
     def __init__(self, initial: float = 0.5, cap: float = 30.0) -> None:
         self.initial, self.cap, self.failures = initial, cap, 0
 
     def next(self) -> float:
-        delay = min(self.cap, self.initial * 2 ** min(self.failures, 32))
+        delay = self.initial * 2 ** min(self.failures, 32) * random.uniform(0.8, 1.2)
         self.failures += 1
-        return float(delay * random.uniform(0.8, 1.2))
+        return float(min(self.cap, delay))
 
     def reset(self) -> None:
         self.failures = 0
@@ -214,7 +252,7 @@ def list_pages(call: Callable[..., Any]) -> tuple[list[dict[str, Any]], str]:
         paging: dict[str, Any] = {"limit": LIST_PAGE}
         if token:
             paging["_continue"] = token
-        response = call(_preload_content=False, _request_timeout=60, **paging)
+        response = call(_preload_content=False, _request_timeout=(10, 60), **paging)
         body = json.loads(response.data)
         items.extend(i for i in body.get("items") or [] if isinstance(i, dict))
         metadata = body.get("metadata") or {}
@@ -223,9 +261,91 @@ def list_pages(call: Callable[..., Any]) -> tuple[list[dict[str, Any]], str]:
             return items, str(metadata.get("resourceVersion") or "")
 
 
+def describe_error(error: BaseException) -> tuple[str, str]:
+    """What went wrong with an API call, for a log line, and a key that is the same for the
+    same fault (the status, or the exception's type)."""
+    from kubernetes.client.exceptions import ApiException
+
+    if isinstance(error, ApiException):
+        said = f"{error.status} {error.reason}"
+        if error.status in (401, 403):
+            said += " (check kpgen's credentials and its ClusterRole: it lists and watches"
+            said += " services, endpointslices and nodes)"
+        return said, f"http {error.status}"
+    reason = getattr(error, "reason", None)  # urllib3's MaxRetryError: why the retries failed
+    shown = reason if isinstance(reason, BaseException) else error
+    text = re.sub(r"^<[^>]*>: ", "", str(shown).strip().split("\n")[0])  # urllib3's own repr
+    text = re.sub(r"\(Caused by .*", "", text).strip()
+    return printable(f"{type(shown).__name__}: {text}" if text else type(shown).__name__)[
+        :300
+    ], type(shown).__name__
+
+
+class Trouble:
+    """How an informer reports failures: one warning when they start (or turn into another
+    fault), one line when the API answers again, and each retry in between only at debug
+    level. A fault that comes back within a minute of its last warning (a flapping stream) is
+    not warned about again until that minute is over. Recurring notes that are not failures
+    (410 Gone, a dropped stream) are logged once a minute, with how many there were since."""
+
+    def __init__(self, kind: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.kind, self.clock = kind, clock
+        self.failures = 0
+        self.since: float | None = None
+        self.key: str | None = None
+        self.logged = False  # this streak's start was logged: its end will be too
+        self._warned: dict[str, float] = {}  # fault key: when last warned about
+        self._notes: dict[str, tuple[float, int]] = {}  # key: (when logged, how many since)
+
+    def failed(self, what: str, key: str, delay: float) -> None:
+        self.failures += 1
+        now = self.clock()
+        if self.since is None or key != self.key:
+            self.since = self.since if self.since is not None else now
+            self.key = key
+            if now - self._warned.get(key, -NOTE_INTERVAL) >= NOTE_INTERVAL:
+                self._warned[key] = now
+                self.logged = True
+                log.warning(
+                    "%s: %s; retrying every %.0fs at most until it works (retries are logged"
+                    " at -v)",
+                    self.kind,
+                    what,
+                    RETRY_CAP,
+                    extra={"kind": self.kind, "fault": key},
+                )
+                return
+        log.debug("%s: %s (failure %d); retrying in %.1fs", self.kind, what, self.failures, delay)
+
+    def worked(self) -> None:
+        if self.since is None:
+            return
+        log.log(
+            logging.INFO if self.logged else logging.DEBUG,
+            "%s: the API server answers again, after %d failed attempts in %.1fs",
+            self.kind,
+            self.failures,
+            self.clock() - self.since,
+            extra={"kind": self.kind, "failures": self.failures},
+        )
+        self.failures, self.since, self.key, self.logged = 0, None, None, False
+
+    def note(self, key: str, message: str, *args: Any) -> None:
+        now = self.clock()
+        logged, count = self._notes.get(key, (-NOTE_INTERVAL, 0))
+        if now - logged < NOTE_INTERVAL:
+            self._notes[key] = (logged, count + 1)
+            log.debug("%s: " + message, self.kind, *args)
+            return
+        again = f" ({count} more in the last {now - logged:.0f}s)" if count else ""
+        log.info("%s: " + message + again, self.kind, *args)
+        self._notes[key] = (now, 0)
+
+
 class Informer(threading.Thread):
     """List, then watch from the list's resourceVersion, for one kind, into the store: relist
-    on 410 Gone, resume a dropped stream from the last version seen, back off on errors."""
+    on 410 Gone, resume a dropped stream from the last version seen, back off on errors (at
+    most :data:`RETRY_CAP` seconds apart)."""
 
     def __init__(
         self,
@@ -238,7 +358,8 @@ class Informer(threading.Thread):
         super().__init__(name=f"informer-{kind}", daemon=True)
         self.store, self.kind, self.call, self.stop = store, kind, call, stop
         self.watch_timeout = watch_timeout
-        self.backoff = Backoff()
+        self.backoff = Backoff(cap=RETRY_CAP)
+        self.trouble = Trouble(kind)
 
     def run(self) -> None:
         from kubernetes.client.exceptions import ApiException
@@ -248,22 +369,24 @@ class Informer(threading.Thread):
                 version = self._list()
                 self._watch(version)
             except Gone:
-                log.info("%s: resourceVersion expired (410 Gone): listing again", self.kind)
+                self.trouble.note("410", "resourceVersion expired (410 Gone): listing again")
             except ApiException as error:
                 if error.status == 410:  # a list's continue token expired
-                    log.info("%s: list expired (410 Gone): listing again", self.kind)
+                    self.trouble.note("410", "list expired (410 Gone): listing again")
                     continue
-                self._pause(f"{error.status} {error.reason}")
+                self._pause("list", error)
             except Exception as error:  # a dropped connection, a bad answer: retry later
-                self._pause(f"{type(error).__name__}: {error}")
+                self._pause("list", error)
 
-    def _pause(self, why: str) -> None:
+    def _pause(self, what: str, error: BaseException) -> None:
+        said, key = describe_error(error)
         delay = self.backoff.next()
-        log.warning("%s: list/watch failed (%s); retrying in %.1fs", self.kind, why, delay)
+        self.trouble.failed(f"{what} failed ({said})", key, delay)
         self.stop.wait(delay)
 
     def _list(self) -> str:
         items, version = list_pages(self.call)
+        self.trouble.worked()
         self.store.replace(self.kind, items)
         self.backoff.reset()
         log.debug("%s: listed %d at resourceVersion %s", self.kind, len(items), version)
@@ -286,19 +409,32 @@ class Informer(threading.Thread):
                 timeout_seconds=timeout,
                 _request_timeout=(10, timeout + 30),
             )
+            received = 0
             try:
                 for event in stream:
                     version = self._event(event) or version
+                    received += 1
                     if self.stop.is_set():
                         return
             except ApiException as error:
                 if error.status == 410:
                     raise Gone() from None
-                self._pause(f"watch: {error.status} {error.reason}")
+                self._pause("watch", error)
             except Gone:
                 raise
-            except Exception as error:  # the stream dropped: resume where it stopped
-                self._pause(f"watch dropped: {type(error).__name__}")
+            except Exception as error:
+                if received:
+                    # a stream that worked broke (a load balancer, a restarting server):
+                    # resume at once from the last version seen, as client-go does
+                    said, _ = describe_error(error)
+                    self.trouble.note(
+                        "dropped",
+                        "watch stream dropped (%s); resuming from resourceVersion %s",
+                        said,
+                        version,
+                    )
+                else:  # nothing came through it: a failure like any other, backed off
+                    self._pause("watch", error)
             else:
                 self.backoff.reset()
 
@@ -307,6 +443,7 @@ class Informer(threading.Thread):
         if not isinstance(obj, dict):
             return None
         self.backoff.reset()  # the stream works again, bookmarks included
+        self.trouble.worked()
         if kind == "ERROR":
             if obj.get("code") == 410:
                 raise Gone()

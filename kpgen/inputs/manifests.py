@@ -87,10 +87,14 @@ def _merged(value: Any) -> Any:
 def _decode(text: str, source: str) -> Iterator[Any]:
     if text.lstrip().startswith(("{", "[")):
         try:
-            yield json.loads(text)
-            return
+            decoded = json.loads(text)
         except json.JSONDecodeError:
             pass  # YAML flow style also starts with "{": let the YAML parser judge it.
+        except RecursionError:  # hostile nesting: no manifest is that deep
+            raise InputError(f"{source}: invalid JSON: nested too deeply") from None
+        else:
+            yield decoded
+            return
     yield from decode_yaml(text, source)
 
 

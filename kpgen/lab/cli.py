@@ -52,6 +52,8 @@ def lab_group(context: click.Context, prefix: str) -> None:
     \b
     gateway 10.20.30.1, k8s-master 10.20.30.10, k8s-worker01 10.20.30.11 (pod1),
     k8s-worker02 10.20.30.12 (pod2) and a test-pod; kpgen apply on each worker.
+    The cluster: kpgen/lab/seed-cluster.yaml (package data; examples/seed-cluster.yaml
+    in the repository). The article and the lab: docs/lab.md.
     """
     try:
         context.obj = Lab(prefix)

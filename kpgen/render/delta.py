@@ -1,80 +1,47 @@
 """Partial syncs: the smallest kernel transaction that turns loaded rules into new ones.
 
-Both functions compare two renderings of the same templates (what is loaded, what should be)
-and return the commands that change only what differs: the chains of the service ports that
-changed and their map elements. They work on the rendered text rather than on the model, so
-a partial sync can never say anything the full rendering would not.
+nftables: :class:`NftLoaded` keeps what kpgen's table of one family holds, one service port's
+share at a time (kpgen.render.text.NftPort, rendered by the same templates as the whole
+table), and :meth:`NftLoaded.change` writes the transaction that replaces some ports' shares
+by new ones. Its commands are chosen so that libnftables needs no copy of the kernel's table
+to resolve them (nft 1.0.6 lists every chain of the node before an ``add element`` or an
+``add rule``: 15 ms at 20,000 chains, see docs/performance.md): elements are added with
+``add map NAME { type ...; elements = ... }``, a chain's rules with ``add chain NAME { ...
+}``. Deletions cannot be phrased so; deleting an endpoint's hairpin element, which nothing
+else needs, waits until a transaction pays for that copy anyway (or the next full sync).
 
-A result of ``None`` means the change is not confined to service ports (a base chain, a set's
-type, a node setting changed): the caller makes a full sync. An empty string means the rules
-are the same: nothing is written.
+iptables: :func:`iptables_delta` compares two renderings and rewrites the chains that differ.
 """
 
 from __future__ import annotations
 
-import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from kpgen.core.names import NFT_TABLE
+from kpgen.render.text import NFT_SHARED, NftPort
 
-# nftables chains that belong to one service port, as templates/nftables.nft.j2 names them.
-NFT_SERVICE_CHAIN = re.compile(r"^(service|local|external|firewall)-")
-_BLOCK = re.compile(r"^\t(chain|set|map) (\S+) \{$")
-
-
-@dataclass
-class NftTable:
-    """A rendered nft table taken apart: what a partial sync may change, and the rest."""
-
-    family: str = ""
-    head: list[str] = field(default_factory=list)
-    chains: dict[str, list[str]] = field(default_factory=dict)
-    elements: dict[str, list[str]] = field(default_factory=dict)
+# elements whose deletion may wait: no verdict, no chain, nothing another rule needs gone
+_DEFERRABLE = frozenset({"hairpin-endpoints"})
+Element = tuple[str, str]  # (set or map, element)
+Block = tuple[str, tuple[str, ...]]  # (chain or set, its lines)
 
 
-def parse_nft(text: str) -> NftTable:
-    """Take a table rendered by templates/nftables.nft.j2 apart (one element a line)."""
-    table = NftTable()
-    lines = text.splitlines()
-    header = re.match(rf"^table (\S+) {NFT_TABLE} \{{$", lines[0]) if lines else None
-    if header is None:
-        raise ValueError("not a kpgen nft table")
-    table.family = header.group(1)
-    block: tuple[str, str] | None = None
-    in_elements = False
-    for line in lines[1:]:
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue  # comments and spacing carry no rules
-        if block is None:
-            match = _BLOCK.match(line)
-            if match:
-                block = (match.group(1), match.group(2))
-                if block[0] == "chain" and NFT_SERVICE_CHAIN.match(block[1]):
-                    table.chains[block[1]] = []
-                else:
-                    table.head.append(line)
-                    if block[0] != "chain":
-                        table.elements[block[1]] = []
-            elif line != "}":
-                table.head.append(line)
-            continue
-        name = block[1]
-        if line == "\t}":
-            block, in_elements = None, False
-            if name not in table.chains:
-                table.head.append(line)
-        elif name in table.chains:
-            table.chains[name].append(stripped)
-        elif stripped == "elements = {":
-            in_elements = True
-        elif in_elements and stripped == "}":
-            in_elements = False
-        elif in_elements:
-            table.elements[name].append(stripped.rstrip(","))
+def blocks(objects: str) -> dict[str, Block]:
+    """A port's sets and chains (:attr:`NftPort.objects`): name -> (kind, body lines)."""
+    found: dict[str, Block] = {}
+    name, kind, body = "", "", list[str]()
+    for line in objects.splitlines():
+        if not name:
+            if line.startswith(("\tchain ", "\tset ")) and line.endswith(" {"):
+                kind, name = line[1:-2].split(" ", 1)
+                body = []
+        elif line == "\t}":
+            found[name] = (kind, tuple(body))
+            name = ""
         else:
-            table.head.append(line)
-    return table
+            body.append(line.strip())
+    return found
 
 
 def _key(element: str) -> str:
@@ -82,35 +49,129 @@ def _key(element: str) -> str:
     return element.split(" : ", 1)[0]
 
 
-def nft_delta(loaded: str, wanted: str) -> str | None:
-    """The nft commands that turn the table ``loaded`` into ``wanted``, in one transaction."""
-    old, new = parse_nft(loaded), parse_nft(wanted)
-    if old.family != new.family or old.head != new.head:
-        return None
-    where = f"{new.family} {NFT_TABLE}"
-    added = [c for c in new.chains if c not in old.chains]
-    removed = [c for c in old.chains if c not in new.chains]
-    changed = [c for c in new.chains if c in old.chains and old.chains[c] != new.chains[c]]
-    commands = [f"add chain {where} {name}" for name in added]
-    for name in (*added, *changed):
-        body = "".join(f"\t\t{rule}\n" for rule in new.chains[name])
-        commands.append(f"flush chain {where} {name}")
-        commands.append(f"table {where} {{\n\tchain {name} {{\n{body}\t}}\n}}")
-    deletions, additions = [], []
-    for container in new.elements:
-        before, after = set(old.elements[container]), set(new.elements[container])
-        gone = sorted(e for e in before - after)
-        came = sorted(e for e in after - before)
-        if gone:
-            keys = ", ".join(dict.fromkeys(_key(e) for e in gone))
-            deletions.append(f"delete element {where} {container} {{ {keys} }}")
-        if came:
-            additions.append(f"add element {where} {container} {{ {', '.join(came)} }}")
-    commands += deletions + additions
-    # Flushed first, so that no chain being deleted is still the target of another's goto.
-    commands += [f"flush chain {where} {name}" for name in removed]
-    commands += [f"delete chain {where} {name}" for name in removed]
-    return "".join(f"{command}\n" for command in commands)
+@dataclass
+class NftLoaded:
+    """kpgen's table of one family as loaded: each service port's share (by port key), how
+    many ports need each element, and elements still loaded that no port needs (deletions
+    that wait)."""
+
+    table: str  # "ip kpgen"
+    declaration: Callable[[str], str]  # a shared set's or map's type and flags
+    ports: dict[str, NftPort] = field(default_factory=dict)
+    counts: Counter[Element] = field(default_factory=Counter)
+    stale: set[Element] = field(default_factory=set)
+    # sets the port chains may name, declared in a transaction before its chains
+    referenced_sets: tuple[str, ...] = ()
+
+    @classmethod
+    def of(
+        cls,
+        table: str,
+        declaration: Callable[[str], str],
+        ports: Mapping[str, NftPort],
+        referenced_sets: tuple[str, ...],
+    ) -> NftLoaded:
+        """What a full load of ``ports`` leaves loaded."""
+        loaded = cls(table, declaration, dict(ports), referenced_sets=referenced_sets)
+        for port in ports.values():
+            loaded.counts.update(port.elements)
+        return loaded
+
+    def change(self, changed: Mapping[str, NftPort | None]) -> tuple[str, bool]:
+        """The transaction that puts the ``changed`` ports' new shares in place of their old
+        ones (None: the port is gone), and whether it needs libnftables' copy of the table
+        (deletions); this object then describes the table as it will be once the transaction
+        is committed (on a failure, the caller loads everything again)."""
+        t = self.table
+        gone_elements: Counter[Element] = Counter()
+        new_elements: Counter[Element] = Counter()
+        flush, delete_chains, delete_sets, add_sets, add_chains = [], [], [], [], []
+        for key, new in changed.items():
+            old = self.ports.pop(key, None)
+            if new is not None:
+                self.ports[key] = new
+            before = blocks(old.objects) if old else {}
+            after = blocks(new.objects) if new else {}
+            for name, (kind, body) in after.items():
+                was = before.get(name)
+                if was == (kind, body):
+                    continue
+                text = "".join(f"\t{line}\n" for line in body)
+                if kind == "set":
+                    if was is not None:  # a set's definition changed (its timeout)
+                        delete_sets.append(name)
+                    add_sets.append(f"add set {t} {name} {{\n{text}}}\n")
+                else:
+                    if was is not None:
+                        flush.append(name)
+                    add_chains.append(f"add chain {t} {name} {{\n{text}}}\n")
+            for name, (kind, _) in before.items():
+                if name not in after:
+                    if kind == "chain":
+                        flush.append(name)
+                        delete_chains.append(name)
+                    else:
+                        delete_sets.append(name)
+            gone_elements.update(old.elements if old else ())
+            new_elements.update(new.elements if new else ())
+        removed, added = [], []
+        for element in gone_elements.keys() | new_elements.keys():
+            count = self.counts[element]
+            after_count = count - gone_elements[element] + new_elements[element]
+            if after_count > 0:
+                self.counts[element] = after_count
+                if count == 0 and element not in self.stale:
+                    added.append(element)
+                self.stale.discard(element)
+            else:
+                self.counts.pop(element, None)
+                if count > 0:
+                    removed.append(element)
+        # a changed verdict is a deletion and an addition of the same key
+        deletions = [e for e in removed if e[0] not in _DEFERRABLE]
+        self.stale.update(e for e in removed if e[0] in _DEFERRABLE)
+        costly = bool(deletions or delete_chains or delete_sets)
+        if costly:
+            deletions += sorted(self.stale)
+            self.stale.clear()
+        script = []
+        if add_chains:
+            script += [
+                f"add set {t} {n} {{\n{self.declaration(n)}\n}}\n" for n in self.referenced_sets
+            ]
+        script += [f"flush chain {t} {name}\n" for name in flush]
+        script += _grouped("delete element", t, deletions, key=_key)
+        script += [f"delete chain {t} {name}\n" for name in delete_chains]
+        script += [f"delete set {t} {name}\n" for name in delete_sets]
+        script += add_sets + add_chains
+        for container, elements in _by_container(added).items():
+            what = "set" if container in NFT_SHARED else "map"
+            listed = ",\n".join(elements)
+            script.append(
+                f"add {what} {t} {container} {{\n{self.declaration(container)}\n"
+                f"elements = {{\n{listed}\n}}\n}}\n"
+            )
+        return "".join(script), costly
+
+    def wanted(self) -> Counter[Element]:
+        """The elements the ports need (the stale ones left out)."""
+        return self.counts
+
+
+def _by_container(elements: Iterable[Element]) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for container, element in sorted(elements):
+        found.setdefault(container, []).append(element)
+    return found
+
+
+def _grouped(
+    verb: str, table: str, elements: Iterable[Element], key: Callable[[str], str]
+) -> list[str]:
+    return [
+        f"{verb} {table} {container} {{ {', '.join(dict.fromkeys(map(key, items)))} }}\n"
+        for container, items in _by_container(elements).items()
+    ]
 
 
 # --- iptables ---------------------------------------------------------------------------

@@ -7,17 +7,20 @@ passed the API's own name rules), so no rule text is ever built from an unchecke
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import ipaddress
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib.resources import files
+from pathlib import Path
+from typing import Any
 
 import jinja2
 
 from kpgen.core import names
 from kpgen.core.model import ClusterState, IPAddress, IPFamily
 from kpgen.core.node import NodeConfig, ProxyMode
-from kpgen.core.plan import FamilyPlan, build_plans
+from kpgen.core.plan import FamilyPlan, PortPlan, build_plans
 
 TEMPLATES = {ProxyMode.NFTABLES: "nftables.nft.j2", ProxyMode.IPTABLES: "iptables.rules.j2"}
 
@@ -55,6 +58,47 @@ IPTABLES_JUMPS = (
 )
 
 
+# The node's name and settings, recorded in the rules for ``kpgen status`` and ``kpgen explain
+# --live`` to read back: "rules for kpgen; node=k8s-worker01; cluster-cidr=192.168.0.0/16".
+# nft keeps at most 128 characters of a comment; settings that do not fit are left out.
+NODE_COMMENT = "rules for kpgen"
+NODE_COMMENT_MAX = 128
+
+
+def node_comment(plan: FamilyPlan) -> str:
+    """What the rules record of the node they were made for (a comment's text)."""
+    settings = [("node", plan.node_name)]
+    settings.append(("cluster-cidr", ",".join(str(n) for n in plan.cluster_cidrs)))
+    settings.append(("masquerade-all", "true" if plan.masquerade_all else ""))
+    if plan.nodeport_networks is not None:
+        addresses = ",".join(str(n) for n in plan.nodeport_networks)
+        settings.append(("nodeport-addresses", addresses or "none"))
+    settings.append(("service-cidr", ",".join(str(n) for n in plan.service_cidrs)))
+    text = NODE_COMMENT
+    for key, value in settings:
+        value = "".join(c for c in value if c.isprintable() and c not in '"\\;=')
+        if not value:
+            continue
+        item = f"; {key}={value}"
+        if len(text) + len(item) > NODE_COMMENT_MAX:
+            break
+        text += item
+    return text
+
+
+def read_node_comment(comment: str | None) -> dict[str, str] | None:
+    """The settings a comment made by :func:`node_comment` records (``node``, ...), or None
+    when ``comment`` is not one (rules made before kpgen recorded them: no ``node``)."""
+    if not comment or not comment.startswith(f"{NODE_COMMENT};"):
+        return None
+    found = {}
+    for item in comment.split(";")[1:]:
+        key, equals, value = item.strip().partition("=")
+        if equals and key and value:
+            found[key] = value
+    return found if "node" in found else None
+
+
 def _host(address: IPAddress) -> str:
     """An address as a one-host network (``10.0.0.1/32``), as iptables writes it."""
     return f"{address}/{address.max_prefixlen}"
@@ -68,8 +112,16 @@ def _hairpin(address: IPAddress) -> str:
     return f"{address} . {address}"
 
 
+CHECKOUT_TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
+
+
 def _load_template(name: str) -> str:
-    return files("kpgen.templates").joinpath(name).read_text(encoding="utf-8")
+    try:
+        return files("kpgen.templates").joinpath(name).read_text(encoding="utf-8")
+    except ModuleNotFoundError:  # run from a checkout, not installed: the tree's templates/
+        if not (CHECKOUT_TEMPLATES / name).is_file():
+            raise
+        return (CHECKOUT_TEMPLATES / name).read_text(encoding="utf-8")
 
 
 @cache
@@ -90,8 +142,69 @@ def _environment() -> jinja2.Environment:
         ipt_chain=names.ipt_chain,
         table=names.NFT_TABLE,
         prefix=names.IPT_PREFIX,
+        node_comment=node_comment,
     )
     return env
+
+
+@dataclass(frozen=True)
+class NftPort:
+    """One service port's share of the nftables table, rendered on its own by
+    templates/nftables.port.j2: its elements of the shared sets and maps (``(container,
+    element)`` pairs, in the table's order) and its own sets and chains as they stand in the
+    table (empty for a port without endpoints)."""
+
+    elements: tuple[tuple[str, str], ...]
+    objects: str
+
+
+# The shared sets and maps that service ports put elements into, in the table's order; the
+# ones whose elements several ports may share (an endpoint of two ports, a ClusterIP of a
+# multi-port service) are listed once, ordered by address.
+NFT_CONTAINERS = (
+    "cluster-ips",
+    "hairpin-endpoints",
+    "service-ips",
+    "service-nodeports",
+    "no-endpoint-services",
+    "no-endpoint-nodeports",
+)
+NFT_SHARED = frozenset({"cluster-ips", "hairpin-endpoints"})
+
+
+def _element_address(element: str) -> IPAddress:
+    return ipaddress.ip_address(element.split(" ", 1)[0])
+
+
+def nft_port_renderer(plan: FamilyPlan) -> Any:
+    """The port macros of templates/nftables.port.j2 for ``plan``'s node-wide settings (its
+    ports are not read)."""
+    return _environment().get_template("nftables.port.j2").make_module({"plan": plan})
+
+
+def render_nft_port(renderer: Any, port: PortPlan) -> NftPort:
+    """One service port's share of the table, through ``renderer`` (:func:`nft_port_renderer`)."""
+    lines = str(renderer.elements(port)).splitlines()
+    pairs = tuple((line[: line.index(" ")], line[line.index(" ") + 1 :]) for line in lines)
+    return NftPort(pairs, str(renderer.objects(port)))
+
+
+def nft_elements(ports: Iterable[NftPort]) -> dict[str, list[str]]:
+    """The elements of every shared set and map, from the ports' shares, in the table's order."""
+    found: dict[str, list[str]] = {name: [] for name in NFT_CONTAINERS}
+    for port in ports:
+        for container, element in port.elements:
+            found[container].append(element)
+    for name in NFT_SHARED:
+        found[name] = sorted(set(found[name]), key=_element_address)
+    return found
+
+
+def render_nft_table(plan: FamilyPlan, ports: Sequence[NftPort]) -> str:
+    """The family's nftables table, assembled from its service ports' shares."""
+    template = _environment().get_template(TEMPLATES[ProxyMode.NFTABLES])
+    chunks = [port.objects for port in ports if port.objects]
+    return template.render(plan=plan, elements_of=nft_elements(ports), chunks=chunks)
 
 
 def render_plan(
@@ -108,6 +221,9 @@ def render_plan(
     stale chains of ours, per table, to flush and delete. Chain names must be validated by
     the caller (:func:`kpgen.core.names.is_ipt_chain`).
     """
+    if mode is ProxyMode.NFTABLES:
+        renderer = nft_port_renderer(plan)
+        return render_nft_table(plan, [render_nft_port(renderer, p) for p in plan.ports])
     template = _environment().get_template(TEMPLATES[mode])
     return template.render(plan=plan, insert_jumps=insert_jumps, delete_chains=delete_chains or {})
 

@@ -16,6 +16,7 @@ objects it starts from.
 from __future__ import annotations
 
 import copy
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -139,10 +140,12 @@ def wait_no_node_port_rules(lab: Lab, timeout: float = FOLLOW) -> float:
 
 
 def wait_no_rules_to(lab: Lab, address: str, timeout: float = FOLLOW) -> float:
-    """Until the rules of both workers send nothing to ``address`` any more."""
+    """Until the rules of both workers send nothing to ``address`` any more (its hairpin
+    element, which sends nothing anywhere, may wait for a later transaction)."""
+    dnat = re.compile(rf"(dnat to|--to-destination) {re.escape(address)}:")
     return wait_until(
         f"{address} gone from the rules of both workers",
-        lambda: not any(address in kpgen_rules(lab, worker) for worker in WORKERS),
+        lambda: not any(dnat.search(kpgen_rules(lab, worker)) for worker in WORKERS),
         timeout,
     )
 

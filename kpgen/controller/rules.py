@@ -1,0 +1,154 @@
+"""The node's rules as ``kpgen run`` keeps them between syncs, so that a change costs in
+proportion to itself: the cluster index (kpgen.core.index), each family's service port
+plans, and in nftables mode each port's rendered share of the table and what is loaded
+(kpgen.render.delta). A change re-plans the services it touched, re-renders the ports whose
+plan differs, and loads one transaction made of those pieces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from kpgen.core.index import Changes, ClusterIndex, DocKey
+from kpgen.core.model import IPFamily, ObjectRef
+from kpgen.core.names import NFT_TABLE
+from kpgen.core.node import NodeConfig, ProxyMode
+from kpgen.core.parse import Problem
+from kpgen.core.plan import FamilyPlan, PortPlan, family_plan
+from kpgen.dataplane.apply import RuleLoader
+from kpgen.render.delta import NftLoaded
+from kpgen.render.text import NftPort, nft_port_renderer, render_nft_port, render_nft_table
+
+
+class NodeRules:
+    def __init__(self, node: NodeConfig) -> None:
+        self.node = node
+        self.nft = node.mode is ProxyMode.NFTABLES
+        self.index = ClusterIndex(node)
+        self.ports: dict[IPFamily, dict[str, PortPlan]] = {}
+        self._keys_of: dict[IPFamily, dict[ObjectRef, tuple[str, ...]]] = {}
+        self._renderers: dict[IPFamily, Any] = {}
+        self._pieces: dict[IPFamily, dict[str, NftPort]] = {}
+        self._loaded: dict[IPFamily, NftLoaded] = {}
+        # the ports the last sync changed (before, after), for stale UDP conntrack entries
+        self._changed: tuple[list[FamilyPlan] | None, list[FamilyPlan]] = (None, [])
+        self._last_loaded: list[FamilyPlan] | None = None
+        self.health_checks_changed = False
+
+    @property
+    def port_count(self) -> int:
+        return sum(len(ports) for ports in self.ports.values())
+
+    def update(self, changed: Mapping[DocKey, Any | None]) -> Changes:
+        return self.index.update(changed)
+
+    def rebuild(self, objects: Mapping[DocKey, Any]) -> list[Problem]:
+        """Everything planned (and rendered) again from every object; returns the objects'
+        problems."""
+        self.index = ClusterIndex(self.node)
+        self.index.update(objects)
+        families = self.index.families
+        self.ports = {f: {p.key: p for p in self.index.all_port_plans(f)} for f in families}
+        self._keys_of = {f: {} for f in families}
+        for family, ports in self.ports.items():
+            keys = self._keys_of[family]
+            for port in ports.values():
+                keys[port.service] = (*keys.get(port.service, ()), port.key)
+        if self.nft:
+            self._renderers = {
+                f: nft_port_renderer(family_plan(self.node, f, (), self.index.node_object))
+                for f in families
+            }
+            self._pieces = {
+                f: {k: render_nft_port(self._renderers[f], p) for k, p in ports.items()}
+                for f, ports in self.ports.items()
+            }
+        return self.index.problems()
+
+    def plans(self) -> list[FamilyPlan]:
+        node = self.index.node_object
+        return [family_plan(self.node, f, ports.values(), node) for f, ports in self.ports.items()]
+
+    def load(self, loader: RuleLoader) -> None:
+        """Load everything whole."""
+        plans = self.plans()
+        if self.nft:
+            tables = {}
+            for plan in plans:
+                pieces = self._pieces[plan.family]
+                tables[plan.family] = render_nft_table(plan, [pieces[p.key] for p in plan.ports])
+            loader.load_nft(plans, tables)
+            self._loaded = {
+                plan.family: NftLoaded.of(
+                    f"{plan.family.nft_family} {NFT_TABLE}",
+                    self._renderers[plan.family].declaration,
+                    self._pieces[plan.family],
+                    ("cluster-cidrs",) if plan.cluster_cidrs else (),
+                )
+                for plan in plans
+            }
+        else:
+            loader.full(plans)
+        self._changed = (self._last_loaded, plans)
+        self._last_loaded = plans
+
+    def change(self, services: set[ObjectRef], loader: RuleLoader) -> int | None:
+        """Plan the ``services`` again and load what changed; returns the number of lines
+        written (None: everything, when iptables needed a full load)."""
+        before_all: list[FamilyPlan] = []
+        after_all: list[FamilyPlan] = []
+        script = []
+        self.health_checks_changed = False
+        for family, ports in self.ports.items():
+            keys_of = self._keys_of[family]
+            before: dict[str, PortPlan | None] = {}
+            after: dict[str, PortPlan | None] = {}
+            for ref in services:
+                new = {p.key: p for p in self.index.port_plans(ref, family)}
+                for key in keys_of.get(ref, ()):
+                    if key not in new:
+                        before[key], after[key] = ports.pop(key), None
+                for key, port in new.items():
+                    old = ports.get(key)
+                    if old != port:
+                        before[key], after[key] = old, port
+                        ports[key] = port
+                if new:
+                    keys_of[ref] = tuple(new)
+                else:
+                    keys_of.pop(ref, None)
+            changed = [p for p in (*before.values(), *after.values()) if p is not None]
+            if any(p.health_check_node_port is not None for p in changed):
+                self.health_checks_changed = True
+            node = self.index.node_object
+            before_all.append(
+                family_plan(self.node, family, (p for p in before.values() if p), node)
+            )
+            after_all.append(family_plan(self.node, family, (p for p in after.values() if p), node))
+            if self.nft and after:
+                renderer, pieces = self._renderers[family], self._pieces[family]
+                shares: dict[str, NftPort | None] = {}
+                for key, wanted in after.items():
+                    if wanted is None:
+                        pieces.pop(key, None)
+                        shares[key] = None
+                    else:
+                        shares[key] = pieces[key] = render_nft_port(renderer, wanted)
+                text, _ = self._loaded[family].change(shares)
+                script.append(text)
+        self._changed = (before_all, after_all)
+        if not self.nft:
+            written = loader.partial(self.plans())
+            if written is None:
+                self.load(loader)
+            return written
+        text = "".join(script)
+        if text:
+            loader.change_nft(text)
+        return text.count("\n")
+
+    def changed_ports(self) -> tuple[Sequence[FamilyPlan] | None, Sequence[FamilyPlan]]:
+        """The plans of the ports the last sync changed, before and after (after a full load:
+        all of them, and those of the full load before; None at the first)."""
+        return self._changed
