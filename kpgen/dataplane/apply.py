@@ -10,6 +10,7 @@ lines.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import tempfile
@@ -247,6 +248,17 @@ def _apply_plans(
     return Applied(f"{done}: loaded rules for {services} service ports{note}", variant)
 
 
+def trim_memory() -> None:
+    """Give the C heap's free memory back to the system: loading a whole table leaves
+    libnftables' freed buffers (about 250 MB at 10,000 services) in glibc's heap, where they
+    would count as kpgen's resident memory until the next load."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 class RuleLoader:
     """Loads a node's rules again and again, as the controller does. nftables: whole tables
     (:meth:`load_nft`) or transactions that change some service ports (:meth:`change_nft`,
@@ -278,7 +290,10 @@ class RuleLoader:
     def load_nft(self, plans: Sequence[FamilyPlan], tables: Mapping[IPFamily, str]) -> None:
         """Load whole nftables tables (and remove the iptables rules)."""
         self.written = None
-        apply_plans(plans, self.mode, nft_tables=tables)
+        try:
+            apply_plans(plans, self.mode, nft_tables=tables)
+        finally:
+            trim_memory()
         self._wrote()
 
     def change_nft(self, script: str) -> None:
@@ -296,7 +311,10 @@ class RuleLoader:
         """Load everything (and remove the other mode's rules); returns a summary."""
         self.loaded = None  # if this fails, the kernel's state is unknown: the next is full
         self.written = None
-        applied = apply_plans(plans, self.mode, iptables_variant=self.iptables_variant)
+        try:
+            applied = apply_plans(plans, self.mode, iptables_variant=self.iptables_variant)
+        finally:
+            trim_memory()
         if applied.iptables_variant is not None:
             self.iptables_variant = applied.iptables_variant
         self.loaded = self._texts(plans)
