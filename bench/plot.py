@@ -1,6 +1,6 @@
 """Scaling curves for docs/performance.md, drawn from the JSON that bench/sync_bench.py wrote.
 
-    .venv/bin/pip install matplotlib   # bench only: not a dependency of kpgen
+    .venv/bin/pip install -e '.[bench]'   # matplotlib: bench only, not a dependency of kpgen
     .venv/bin/python bench/plot.py bench/results/incremental-packets.json \
         bench/results/whole-world-sync.json docs/img/event-to-traffic.png
 

@@ -148,6 +148,17 @@ def answered_after(address: str, deadline: float) -> float | None:
     return None
 
 
+def live_endpoint_added(server: Any, i: int) -> tuple[float, float]:
+    """Give service ``i`` an endpoint that answers: when it was written to the API, and when
+    a client first got an answer from it (monotonic)."""
+    t0 = time.monotonic()
+    server.create(live_slice(i))
+    answered = answered_after(cluster_ip(i), t0 + 30)
+    if answered is None:
+        raise SystemExit(f"svc-{i}: the new endpoint never answered")
+    return t0, answered
+
+
 def measure(
     services: int, endpoints: int, changes: int, mode: str, packets: bool = False
 ) -> dict[str, Any]:
@@ -200,11 +211,7 @@ def measure(
         for n in range(changes if packets else 0):
             i = (n * 7919) % services  # spread over the table
             before = len(done)
-            t0 = time.monotonic()
-            server.create(live_slice(i))
-            answered = answered_after(cluster_ip(i), t0 + 30)
-            if answered is None:
-                raise SystemExit(f"svc-{i}: the new endpoint never answered")
+            t0, answered = live_endpoint_added(server, i)
             latencies.append(answered - t0)
             finished, _ = wait_sync(before)
             synced_after.append(finished - t0)
@@ -285,11 +292,7 @@ def measure_process(services: int, endpoints: int, changes: int, mode: str) -> d
             latencies = []
             for n in range(changes):
                 i = (n * 7919) % services
-                t0 = time.monotonic()
-                server.create(live_slice(i))
-                answered = answered_after(cluster_ip(i), t0 + 30)
-                if answered is None:
-                    raise SystemExit(f"svc-{i}: the new endpoint never answered")
+                t0, answered = live_endpoint_added(server, i)
                 latencies.append(answered - t0)
                 server.delete("EndpointSlice", "default", f"svc-{i}-live")
                 gone = time.monotonic() + 30

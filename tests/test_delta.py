@@ -671,3 +671,21 @@ def test_the_controllers_nftables_changes_give_the_rules_of_a_full_load(
     assert out["written"] and "192.168.70.7" in out["after"]
     # external-ip is gone: the transaction deletes its elements, hairpins included
     assert got == want
+
+
+def test_waiting_deletions_are_bounded_and_done_by_a_full_sync(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fewer = cluster()
+    slice_of(fewer, "web-1")["endpoints"].pop()
+    loaded = loaded_of(cluster())
+    change_to(loaded, fewer)
+    assert loaded.delete_stale() == (
+        f"delete element {WHERE} hairpin-endpoints {{ 10.244.2.2 . 10.244.2.2 }}\n"
+    )
+    assert loaded.stale == set() and loaded.delete_stale() == ""
+    monkeypatch.setattr("kpgen.render.delta.STALE_LIMIT", 0)
+    loaded = loaded_of(cluster())
+    script, _ = change_to(loaded, fewer)  # more wait than the limit: deleted at once
+    assert f"delete element {WHERE} hairpin-endpoints {{ 10.244.2.2 . 10.244.2.2 }}" in script
+    assert loaded.stale == set()

@@ -148,6 +148,13 @@ class NodeRules:
             loader.change_nft(text)
         return text.count("\n")
 
+    def delete_stale(self, loader: RuleLoader) -> int:
+        """Delete the elements whose deletion waited (nftables); returns the lines written."""
+        script = "".join(loaded.delete_stale() for loaded in self._loaded.values())
+        if script:
+            loader.change_nft(script)
+        return script.count("\n")
+
     def changed_ports(self) -> tuple[Sequence[FamilyPlan] | None, Sequence[FamilyPlan]]:
         """The plans of the ports the last sync changed, before and after (after a full load:
         all of them, and those of the full load before; None at the first)."""

@@ -21,7 +21,7 @@ from kpgen.controller.metrics import Metrics
 from kpgen.controller.rules import NodeRules
 from kpgen.core.node import NodeConfig
 from kpgen.dataplane import conntrack
-from kpgen.dataplane.apply import ApplyError, RuleLoader
+from kpgen.dataplane.apply import ApplyError, RuleLoader, trim_memory
 from kpgen.inputs.api import Backoff, Snapshot, Store
 
 log = logging.getLogger("kpgen.controller")  # the log name users filter on, kept
@@ -74,7 +74,8 @@ class Controller:
                 written = self.rules.change(changes.services, self.loader)
             if started - self.last_full >= self.timing.sync_period and not rebuild:
                 kind = "full"  # the periodic full sync: verify, and write only if needed
-                self._verify()
+                verified = self._verify()
+                written = None if verified is None or written is None else written + verified
         except Exception:
             self.need_full = True  # the kernel's state is unknown: everything again, next
             # the sync is owed: /healthz turns 503 once it has been for the health timeout
@@ -121,14 +122,17 @@ class Controller:
             },
         )
 
-    def _verify(self) -> None:
+    def _verify(self) -> int | None:
         """The periodic full sync: when nf_tables moved on since kpgen's last write (someone
         else committed: a table deleted, a chain flushed, or another program's own rules),
-        load kpgen's rules whole again; else nothing is written. iptables-legacy has no
-        generation to compare: its rules are loaded whole every time."""
+        load kpgen's rules whole again (returns None); else only the element deletions that
+        waited are written (returns the lines). iptables-legacy has no generation to compare:
+        its rules are loaded whole every time."""
         moved = self.loader.changed_since_written()
-        if moved is None:
-            return
+        if moved is None:  # as kpgen left them; only the deletions that waited are due
+            written = self.rules.delete_stale(self.loader)
+            trim_memory()  # what the partial syncs since the last freed, back to the system
+            return written
         by = f" (last by {moved.process}[{moved.pid}])" if moved.pid else ""
         log.warning(
             "full sync: the node's rules changed since kpgen wrote them%s; loading kpgen's "
@@ -137,6 +141,7 @@ class Controller:
         )
         self.metrics.rewrites.inc()
         self.rules.load(self.loader)
+        return None
 
     def _delete_stale_udp_entries(self) -> None:
         """After a successful sync: the UDP conntrack entries it made stale

@@ -23,6 +23,8 @@ from kpgen.render.text import NFT_SHARED, NftPort
 
 # elements whose deletion may wait: no verdict, no chain, nothing another rule needs gone
 _DEFERRABLE = frozenset({"hairpin-endpoints"})
+# at most this many wait: then the next transaction deletes them (so does a full sync)
+STALE_LIMIT = 1000
 Element = tuple[str, str]  # (set or map, element)
 Block = tuple[str, tuple[str, ...]]  # (chain or set, its lines)
 
@@ -131,7 +133,7 @@ class NftLoaded:
         deletions = [e for e in removed if e[0] not in _DEFERRABLE]
         self.stale.update(e for e in removed if e[0] in _DEFERRABLE)
         costly = bool(deletions or delete_chains or delete_sets)
-        if costly:
+        if costly or len(self.stale) > STALE_LIMIT:
             deletions += sorted(self.stale)
             self.stale.clear()
         script = []
@@ -153,9 +155,11 @@ class NftLoaded:
             )
         return "".join(script), costly
 
-    def wanted(self) -> Counter[Element]:
-        """The elements the ports need (the stale ones left out)."""
-        return self.counts
+    def delete_stale(self) -> str:
+        """The transaction that deletes the elements whose deletion waited (empty: none)."""
+        script = "".join(_grouped("delete element", self.table, self.stale, key=_key))
+        self.stale.clear()
+        return script
 
 
 def _by_container(elements: Iterable[Element]) -> dict[str, list[str]]:

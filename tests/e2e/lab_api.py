@@ -16,6 +16,7 @@ that address, and logs to a file the tests read.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import re
 import signal
@@ -24,11 +25,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import netsock
 from apiserver import ApiServer
 
-from kpgen.lab.lab import Lab
+from kpgen.inputs.manifests import load_documents
+from kpgen.lab.lab import SEED, Lab
 from kpgen.lab.podserver import POD_PYTHON
 from kpgen.lab.topology import CLUSTER_CIDR, NODE_BY_NAME
 
@@ -64,14 +67,34 @@ def kpgen_run_argv(worker: str, mode: str, *flags: str) -> list[str]:
     ]  # fmt: skip
 
 
+_SEED = {(d["kind"], d["metadata"]["name"]): d for d in load_documents([str(SEED)])}
+
+
+def seed_object(kind: str, name: str) -> dict[str, Any]:
+    """An object of the seed cluster, a copy to change."""
+    return copy.deepcopy(_SEED[(kind, name)])
+
+
+def node(name: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}}
+
+
 class KpgenRun:
     """``kpgen run`` on one worker of the lab, as a real process, logging to a file."""
 
     def __init__(
-        self, lab: Lab, worker: str, kubeconfig: Path, mode: str, log: Path, *extra: str
+        self,
+        lab: Lab,
+        worker: str,
+        kubeconfig: Path,
+        mode: str,
+        log: Path,
+        *extra: str,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.lab, self.worker, self.mode, self.log_path = lab, worker, mode, log
         self.argv = kpgen_run_argv(worker, mode, "--kubeconfig", str(kubeconfig), *extra)
+        self.env = dict(env or {})  # on top of this process's environment
         self.process: subprocess.Popen[bytes] | None = None
         self.started_at = 0  # where this run's lines start in the log
         self._terminated = 0.0
@@ -91,6 +114,7 @@ class KpgenRun:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                env={**os.environ, **self.env},
             )
         return self
 

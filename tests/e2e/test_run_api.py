@@ -15,7 +15,6 @@ objects it starts from.
 
 from __future__ import annotations
 
-import copy
 import re
 import sys
 import time
@@ -26,11 +25,10 @@ from typing import Any
 import labs
 import pytest
 from apiserver import ApiServer
-from lab_api import KpgenRun, master_api_server
+from lab_api import KpgenRun, master_api_server, node, seed_object
 from traffic import BackgroundRequests, Tally, curl, requests
 
-from kpgen.inputs.manifests import load_documents
-from kpgen.lab.lab import MODES, SEED, WORKERS, Lab
+from kpgen.lab.lab import MODES, WORKERS, Lab
 
 pytestmark = [pytest.mark.kernel, pytest.mark.e2e]
 
@@ -49,16 +47,6 @@ PATHS = {
 
 
 # --- the objects ------------------------------------------------------------------------------
-
-_SEED = {(d["kind"], d["metadata"]["name"]): d for d in load_documents([str(SEED)])}
-
-
-def seed_object(kind: str, name: str) -> Obj:
-    return copy.deepcopy(_SEED[(kind, name)])
-
-
-def node(name: str) -> Obj:
-    return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}}
 
 
 def endpoint(pod: str, address: str, node_name: str) -> Obj:

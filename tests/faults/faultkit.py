@@ -15,11 +15,9 @@ whether kpgen has applied the change. Every wait polls with a deadline.
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import re
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -34,11 +32,10 @@ if str(E2E) not in sys.path:
 
 import labs  # noqa: E402
 from apiserver import ApiServer  # noqa: E402
-from lab_api import API_PORT, MASTER, KpgenRun, listen_in  # noqa: E402
+from lab_api import API_PORT, MASTER, KpgenRun, listen_in, node, seed_object  # noqa: E402
 from traffic import curl  # noqa: E402
 
-from kpgen.inputs.manifests import load_documents  # noqa: E402
-from kpgen.lab.lab import SEED, WORKERS, Lab  # noqa: E402
+from kpgen.lab.lab import WORKERS, Lab  # noqa: E402
 from kpgen.lab.topology import NODE_BY_NAME  # noqa: E402
 
 Obj = dict[str, Any]
@@ -53,17 +50,6 @@ PATHS = {
     "EndpointSlice": "/apis/discovery.k8s.io/v1/endpointslices",
     "Node": "/api/v1/nodes",
 }
-
-_SEED = {(d["kind"], d["metadata"]["name"]): d for d in load_documents([str(SEED)])}
-
-
-def seed_object(kind: str, name: str) -> Obj:
-    return copy.deepcopy(_SEED[(kind, name)])
-
-
-def node(name: str) -> Obj:
-    return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}}
-
 
 PODS = {
     "pod1": ("192.168.69.246", "k8s-worker01"),
@@ -145,26 +131,8 @@ class Kpgen(KpgenRun):
             "--healthz-bind-address", HEALTHZ,
             "--metrics-bind-address", METRICS,
             *extra,
+            env=env,
         )  # fmt: skip
-        self.env = dict(env or {})
-
-    def start(self) -> Kpgen:
-        assert not self.running, f"kpgen already runs on {self.worker}"
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self.started_at = log.tell()
-            log.write(f"--- kpgen run on {self.worker} ---\n".encode())
-            log.flush()
-            self.process = self.lab.popen_in(
-                self.worker,
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env={**os.environ, **self.env},
-            )
-        return self
 
     def restart(self) -> Kpgen:
         self.kill()
