@@ -637,7 +637,7 @@ NODE_RULES_SCRIPT = textwrap.dedent(
         return subprocess.run(["nft", "-a", "list", "ruleset"], capture_output=True,
                               text=True, check=True).stdout
 
-    rules, loader = NodeRules(node), RuleLoader(node.mode)
+    rules, loader = NodeRules(node), RuleLoader(node.mode, "nft")
     a, b = keyed(job["a"]), keyed(job["b"])
     rules.rebuild(a)
     rules.load(loader)
@@ -651,24 +651,27 @@ NODE_RULES_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.kernel
+@pytest.mark.parametrize("mode", [NFT, IPT], ids=["nftables", "iptables"])
 @pytest.mark.parametrize("b", ["same", "changed"])
-def test_the_controllers_nftables_changes_give_the_rules_of_a_full_load(
-    b: str, tmp_path: Path
+def test_the_controllers_changes_give_the_rules_of_a_full_load(
+    mode: ProxyMode, b: str, tmp_path: Path
 ) -> None:
     script = tmp_path / "rules.py"
     script.write_text(NODE_RULES_SCRIPT)
-    flags = {"hostname": "k8s-worker01", "cluster_cidrs": ["192.168.0.0/16"]}
+    flags = {"hostname": "k8s-worker01", "cluster_cidrs": ["192.168.0.0/16"], "mode": mode.value}
     after = seed() if b == "same" else seed_changed()
     job = {"flags": flags, "a": seed(), "b": after}
     with kernel.netns() as partial, kernel.netns() as full:
         out = json.loads(run_in(partial, sys.executable, str(script), stdin=json.dumps(job)))
-        run_loader(full, tmp_path, NFT, after, None, SEED_FLAGS)
-        got, want = nft_canonical(partial), nft_canonical(full)
+        run_loader(full, tmp_path, mode, after, None, SEED_FLAGS)
+        got, want = listing_of(mode, partial), listing_of(mode, full)
     assert out["intact"]  # the generation it wrote is the namespace's
     if b == "same":
         assert out["written"] == 0 and out["after"] == out["before"]
         return
-    assert out["written"] and "192.168.70.7" in out["after"]
+    assert out["written"]
+    if mode is NFT:
+        assert "192.168.70.7" in out["after"]
     # external-ip is gone: the transaction deletes its elements, hairpins included
     assert got == want
 

@@ -18,7 +18,16 @@ from kpgen.core.parse import Problem
 from kpgen.core.plan import FamilyPlan, PortPlan, family_plan
 from kpgen.dataplane.apply import RuleLoader
 from kpgen.render.delta import NftLoaded
-from kpgen.render.text import NftPort, nft_port_renderer, render_nft_port, render_nft_table
+from kpgen.render.text import (
+    IptPort,
+    NftPort,
+    ipt_port_renderer,
+    nft_port_renderer,
+    render_ipt_port,
+    render_ipt_rules,
+    render_nft_port,
+    render_nft_table,
+)
 
 
 class NodeRules:
@@ -30,6 +39,7 @@ class NodeRules:
         self._keys_of: dict[IPFamily, dict[ObjectRef, tuple[str, ...]]] = {}
         self._renderers: dict[IPFamily, Any] = {}
         self._pieces: dict[IPFamily, dict[str, NftPort]] = {}
+        self._ipt_pieces: dict[IPFamily, dict[str, IptPort]] = {}
         self._loaded: dict[IPFamily, NftLoaded] = {}
         # the ports the last sync changed (before, after), for stale UDP conntrack entries
         self._changed: tuple[list[FamilyPlan] | None, list[FamilyPlan]] = (None, [])
@@ -55,13 +65,17 @@ class NodeRules:
             keys = self._keys_of[family]
             for port in ports.values():
                 keys[port.service] = (*keys.get(port.service, ()), port.key)
+        header = {f: family_plan(self.node, f, (), self.index.node_object) for f in families}
         if self.nft:
-            self._renderers = {
-                f: nft_port_renderer(family_plan(self.node, f, (), self.index.node_object))
-                for f in families
-            }
+            self._renderers = {f: nft_port_renderer(header[f]) for f in families}
             self._pieces = {
                 f: {k: render_nft_port(self._renderers[f], p) for k, p in ports.items()}
+                for f, ports in self.ports.items()
+            }
+        else:
+            self._renderers = {f: ipt_port_renderer(header[f]) for f in families}
+            self._ipt_pieces = {
+                f: {k: render_ipt_port(self._renderers[f], p) for k, p in ports.items()}
                 for f, ports in self.ports.items()
             }
         return self.index.problems()
@@ -126,6 +140,13 @@ class NodeRules:
                 family_plan(self.node, family, (p for p in before.values() if p), node)
             )
             after_all.append(family_plan(self.node, family, (p for p in after.values() if p), node))
+            if not self.nft:
+                renderer, ipt_pieces = self._renderers[family], self._ipt_pieces[family]
+                for key, wanted in after.items():
+                    if wanted is None:
+                        ipt_pieces.pop(key, None)
+                    else:
+                        ipt_pieces[key] = render_ipt_port(renderer, wanted)
             if self.nft and after:
                 renderer, pieces = self._renderers[family], self._pieces[family]
                 shares: dict[str, NftPort | None] = {}
@@ -139,7 +160,13 @@ class NodeRules:
                 script.append(text)
         self._changed = (before_all, after_all)
         if not self.nft:
-            written = loader.partial(self.plans())
+            plans = self.plans()
+            texts = {}
+            for plan in plans:
+                by_key = self._ipt_pieces[plan.family]
+                ordered = [by_key[p.key] for p in plan.ports]
+                texts[plan.family] = render_ipt_rules(plan, ordered, insert_jumps=())
+            written = loader.partial(plans, texts)
             if written is None:
                 self.load(loader)
             return written

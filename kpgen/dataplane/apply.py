@@ -321,12 +321,15 @@ class RuleLoader:
         self._wrote()
         return applied.summary
 
-    def partial(self, plans: Sequence[FamilyPlan]) -> int | None:
+    def partial(
+        self, plans: Sequence[FamilyPlan], texts: Mapping[IPFamily, str] | None = None
+    ) -> int | None:
         """iptables: load only the chains that changed since the last load: the number of
-        lines written (0: nothing changed), or None when the change needs a full load."""
+        lines written (0: nothing changed), or None when the change needs a full load.
+        ``texts``: the plans' rules without the jumps from built-in chains, rendered already."""
         if self.loaded is None or set(self.loaded) != {p.family for p in plans}:
             return None
-        wanted = self._texts(plans)
+        wanted = dict(texts) if texts is not None else self._texts(plans)
         scripts = {f: iptables_delta(self.loaded[f], text) for f, text in wanted.items()}
         written = sum(script.count("\n") for script in scripts.values())
         if written:

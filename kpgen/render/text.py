@@ -207,6 +207,46 @@ def render_nft_table(plan: FamilyPlan, ports: Sequence[NftPort]) -> str:
     return template.render(plan=plan, elements_of=nft_elements(ports), chunks=chunks)
 
 
+@dataclass(frozen=True)
+class IptPort:
+    """One service port's share of the iptables rules, rendered on its own by
+    templates/iptables.port.j2: the chains it declares, its nat and its filter rules."""
+
+    served: bool
+    chains: str
+    nat: str
+    filter: str
+
+
+def ipt_port_renderer(plan: FamilyPlan) -> Any:
+    """The port macros of templates/iptables.port.j2 for ``plan``'s node-wide settings."""
+    return _environment().get_template("iptables.port.j2").make_module({"plan": plan})
+
+
+def render_ipt_port(renderer: Any, port: PortPlan) -> IptPort:
+    return IptPort(
+        port.has_endpoints,
+        str(renderer.chains(port)),
+        str(renderer.nat(port)),
+        str(renderer.filter(port)),
+    )
+
+
+def render_ipt_rules(
+    plan: FamilyPlan,
+    ports: Sequence[IptPort],
+    *,
+    insert_jumps: tuple[IptablesJump, ...] = IPTABLES_JUMPS,
+    delete_chains: Mapping[str, tuple[str, ...]] | None = None,
+) -> str:
+    """The family's iptables-restore input, assembled from its service ports' shares (see
+    :func:`render_plan` for ``insert_jumps`` and ``delete_chains``)."""
+    template = _environment().get_template(TEMPLATES[ProxyMode.IPTABLES])
+    return template.render(
+        plan=plan, pieces=ports, insert_jumps=insert_jumps, delete_chains=delete_chains or {}
+    )
+
+
 def render_plan(
     plan: FamilyPlan,
     mode: ProxyMode,
@@ -224,8 +264,9 @@ def render_plan(
     if mode is ProxyMode.NFTABLES:
         renderer = nft_port_renderer(plan)
         return render_nft_table(plan, [render_nft_port(renderer, p) for p in plan.ports])
-    template = _environment().get_template(TEMPLATES[mode])
-    return template.render(plan=plan, insert_jumps=insert_jumps, delete_chains=delete_chains or {})
+    renderer = ipt_port_renderer(plan)
+    pieces = [render_ipt_port(renderer, p) for p in plan.ports]
+    return render_ipt_rules(plan, pieces, insert_jumps=insert_jumps, delete_chains=delete_chains)
 
 
 def render(state: ClusterState, node: NodeConfig) -> str:

@@ -153,11 +153,16 @@ def through_kernel_fault(
             wait_until("/healthz says 200 again", lambda: kpgen.healthz() == 200, 10)
         tally = loop.finish()
     assert tally.failed == 0, f"{tally.failed} of {tally.count}: {tally.failures[:3]}"
-    lines = kpgen.lines_since(mark)
-    assert any("sync failed, the previous rules stay" in line for line in lines), lines
-    after = kpgen.lines_since(failed_at)
-    last_failure = max(i for i, line in enumerate(lines) if "sync failed" in line)
-    assert sync_kinds_after(lines[last_failure:])[:1] == ["full"], after
+
+    def after_last_failure() -> list[str]:
+        lines = kpgen.lines_since(mark)
+        last_failure = max(i for i, line in enumerate(lines) if "sync failed" in line)
+        return sync_kinds_after(lines[last_failure:])
+
+    assert any("sync failed, the previous rules stay" in ln for ln in kpgen.lines_since(mark))
+    # the rules are in the kernel before the sync's log line is written: wait for the line
+    wait_until("the sync after the failure logged", after_last_failure, 10)
+    assert after_last_failure()[:1] == ["full"], kpgen.lines_since(failed_at)
     assert kpgen.running
 
 
