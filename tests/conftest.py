@@ -4,6 +4,10 @@ Tests marked ``@pytest.mark.kernel`` load rules into throwaway network namespace
 (tests/kernel.py). They are skipped, with the reason, when this machine cannot run them (not
 root, or nft/iptables-restore/ip missing); set ``KPGEN_REQUIRE_KERNEL=1`` to make that an
 error instead (for CI, which runs as root and must not skip them silently).
+
+Under ``KPGEN_REQUIRE_KERNEL=1`` (CI) hypothesis runs derandomized: the same examples on every
+run, so that whether a change lands never depends on the draw; run the suite without it (as
+`pytest` does by default) to explore new examples, and add what they find as explicit cases.
 """
 
 from __future__ import annotations
@@ -21,6 +25,11 @@ if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
 import kernel  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("KPGEN_REQUIRE_KERNEL") == "1":
+    settings.load_profile("ci")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_property import Cluster, NodeFlags, clusters, node_config, node_flags
 
+from kpgen.core.fields import printable
 from kpgen.core.parse import Problem, Skipped, parse_documents
 from kpgen.core.plan import build_plans
 from kpgen.inputs.manifests import InputError, load_documents
@@ -124,11 +125,13 @@ def check(documents: list[Any], hits: set[int], flags: NodeFlags) -> dict[str, s
     for index, doc in enumerate(documents):
         is_service = isinstance(doc, dict) and doc.get("kind") == "Service"
         ref = ref_of(doc)
+        # messages name an object as they can show it: cut short, control characters escaped
+        shown = printable(ref) if ref is not None else None
         if index not in hits and is_service:  # the rest is served (or named: a conflict)
-            assert ref in served or ref in named, (ref, [str(p) for p in result.problems])
+            assert ref in served or shown in named, (ref, [str(p) for p in result.problems])
         if index in hits and is_service and ref is not None and ref not in served:
             # a damaged service that is not served is named (or ignored: its apiVersion)
-            assert ref in named or result.ignored, (ref, [str(p) for p in result.problems])
+            assert shown in named or result.ignored, (ref, [str(p) for p in result.problems])
     for problem in result.problems:
         assert isinstance(problem, Problem) and "\n" not in str(problem), str(problem)
         assert len(str(problem)) < 2000, str(problem)[:200]
