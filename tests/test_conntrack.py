@@ -430,7 +430,7 @@ def sync_to(running: Controller, documents: list[dict[str, Any]]) -> None:
     """One sync of ``running`` to the cluster of ``documents``, through its store."""
     for kind in (SERVICE, SLICE, NODE):
         running.store.replace(kind, [d for d in documents if d["kind"] == kind])
-    running.sync(running.store.take(documents=False))
+    running.sync(running.store.take())
 
 
 def controller(loader: Loader, delete_flows: Any) -> Controller:

@@ -127,11 +127,8 @@ def expected(server: ApiServer, node_name: str = NODE_NAME) -> dict[Key, Obj]:
 
 def held(store: Store) -> dict[Key, Obj]:
     """Everything in the store now (this takes its pending changes)."""
-    found: dict[Key, Obj] = {}
-    for doc in store.take().documents:
-        meta = doc["metadata"]
-        found[(doc["kind"], meta.get("namespace") or "", meta["name"])] = doc
-    return found
+    store.take()
+    return store.objects()
 
 
 def wait_until(what: str, condition: Callable[[], bool], timeout: float = GUARD) -> float:

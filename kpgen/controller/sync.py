@@ -187,7 +187,7 @@ class Controller:
                 stop.wait(self.timing.min_sync_period - since)
             if stop.is_set():
                 return
-            snapshot = self.store.take(documents=False)
+            snapshot = self.store.take()
             self.metrics.service_changes_pending.set(0)
             self.metrics.endpoint_changes_pending.set(0)
             self.metrics.service_changes_total.inc(snapshot.service_changes)

@@ -483,21 +483,3 @@ def parse_documents(documents: Iterable[Any]) -> ParseResult:
     """Turn decoded API objects into a :class:`ClusterState`; bad objects become problems,
     objects of other kinds are counted in ``ignored``."""
     return assemble(parse_object(doc) for doc in documents)
-
-
-class ParseCache:
-    """Parses each document once, for the controller: its store keeps a document object until
-    that object changes, so an unchanged document (the same object) is not parsed again."""
-
-    def __init__(self) -> None:
-        self._cache: dict[int, tuple[Any, Outcome]] = {}
-
-    def parse(self, documents: Iterable[Any]) -> ParseResult:
-        fresh: dict[int, tuple[Any, Outcome]] = {}
-        for doc in documents:
-            hit = self._cache.get(id(doc))
-            if hit is None or hit[0] is not doc:
-                hit = (doc, parse_object(doc))
-            fresh[id(doc)] = hit
-        self._cache = fresh
-        return assemble(outcome for _, outcome in fresh.values())

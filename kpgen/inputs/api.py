@@ -77,9 +77,8 @@ def _trigger_time(obj: dict[str, Any], received: float) -> float:
 
 @dataclass
 class Snapshot:
-    """The objects at one moment, and the changes since the previous snapshot."""
+    """The changes since the previous snapshot."""
 
-    documents: list[dict[str, Any]]
     service_changes: int = 0
     # the new version of each object that changed (None: deleted), by (kind, namespace, name)
     changed: dict[tuple[str, str, str], dict[str, Any] | None] = field(default_factory=dict)
@@ -97,7 +96,7 @@ class Store:
         self._objects: dict[str, dict[tuple[str, str], dict[str, Any]]] = {k: {} for k in kinds}
         self._synced: set[str] = set()
         self._on_change = on_change
-        self._changes = Snapshot([])
+        self._changes = Snapshot()
         self._started = time.time()
 
     def _note(
@@ -187,12 +186,10 @@ class Store:
         with self._cond:
             return {(k, *key): o for k, objs in self._objects.items() for key, o in objs.items()}
 
-    def take(self, documents: bool = True) -> Snapshot:
-        """The changes since the last take, and (``documents``) every object now."""
+    def take(self) -> Snapshot:
+        """The changes since the last take (the objects themselves: :meth:`objects`)."""
         with self._cond:
-            changes, self._changes = self._changes, Snapshot([])
-            if documents:
-                changes.documents = [o for objs in self._objects.values() for o in objs.values()]
+            changes, self._changes = self._changes, Snapshot()
         return changes
 
 

@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,16 @@ def kpgen_run_argv(worker: str, mode: str, *flags: str) -> list[str]:
         "--metrics-bind-address", "",
         *flags,
     ]  # fmt: skip
+
+
+def wait_until(what: str, condition: Callable[[], bool], timeout: float) -> float:
+    """Poll ``condition`` until it holds; the seconds it took, or AssertionError."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"not after {timeout}s: {what}")
+        time.sleep(0.05)
+    return time.monotonic() - started
 
 
 _SEED = {(d["kind"], d["metadata"]["name"]): d for d in load_documents([str(SEED)])}

@@ -18,14 +18,14 @@ from __future__ import annotations
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import labs
 import pytest
 from apiserver import ApiServer
-from lab_api import KpgenRun, master_api_server, node, seed_object
+from lab_api import KpgenRun, master_api_server, node, seed_object, wait_until
 from traffic import BackgroundRequests, Tally, curl, requests
 
 from kpgen.lab.lab import MODES, WORKERS, Lab
@@ -92,15 +92,6 @@ def has_node_port(rules: str) -> bool:
 def tally(lab: Lab, worker: str, count: int = 24) -> Tally:
     """``count`` new connections from the gateway to the worker's NodePort."""
     return requests(lab, "gateway", worker, NODE_PORT, count)
-
-
-def wait_until(what: str, condition: Callable[[], bool], timeout: float) -> float:
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"not after {timeout}s: {what}")
-        time.sleep(0.05)
-    return time.monotonic() - started
 
 
 def wait_answering(lab: Lab, wanted: set[str], timeout: float = FOLLOW) -> float:

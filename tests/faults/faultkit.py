@@ -21,7 +21,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,15 @@ if str(E2E) not in sys.path:
 
 import labs  # noqa: E402
 from apiserver import ApiServer  # noqa: E402
-from lab_api import API_PORT, MASTER, KpgenRun, listen_in, node, seed_object  # noqa: E402
+from lab_api import (  # noqa: E402
+    API_PORT,
+    MASTER,
+    KpgenRun,
+    listen_in,
+    node,
+    seed_object,
+    wait_until,
+)
 from traffic import curl  # noqa: E402
 
 from kpgen.lab.lab import WORKERS, Lab  # noqa: E402
@@ -92,16 +100,6 @@ BASE = [
     seed_object("EndpointSlice", "node-port-x8p2w"),
     *service_like_node_port("canary", CANARY_PORT, "10.101.179.201"),
 ]
-
-
-def wait_until(what: str, condition: Callable[[], bool], timeout: float) -> float:
-    """Poll ``condition`` until it holds; the seconds it took, or AssertionError."""
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"not after {timeout}s: {what}")
-        time.sleep(0.05)
-    return time.monotonic() - started
 
 
 # --- kpgen run, with its endpoints ------------------------------------------------------------
