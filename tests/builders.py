@@ -6,6 +6,7 @@ before use. ``manifest`` turns such dicts into multi-document YAML text.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
@@ -77,3 +78,15 @@ def endpoint_slice(
 def manifest(*docs: dict[str, Any]) -> str:
     """The documents as multi-document YAML, in the order given."""
     return yaml.safe_dump_all(list(docs), sort_keys=False)
+
+
+def nft_elements(text: str, name: str) -> list[str]:
+    """The element lines of the nft set or map ``name`` in rendered rules: of every table that
+    has one (each of kpgen's shard tables has its own dispatch maps; rules without a served
+    port have no shard table)."""
+    blocks = re.findall(rf"\n\t(?:map|set) {name} {{\n(.*?)\n\t}}\n", text, re.S)
+    found = []
+    for block in blocks:
+        elements = re.search(r"elements = \{\n(.*?)\n\t\t\}", block, re.S)
+        found += [e.strip().rstrip(",") for e in elements.group(1).splitlines()] if elements else []
+    return found

@@ -9,6 +9,7 @@ loaded full(B) directly; RuleLoader is also driven end to end inside a namespace
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import re
 import sys
@@ -26,7 +27,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from test_property import clusters, node_flags
 
-from kpgen.core.names import ipt_chain
+from kpgen.core.names import ipt_chain, nft_shard, nft_shard_table
 from kpgen.core.node import NodeFlags, ProxyMode, node_config
 from kpgen.core.parse import parse_documents
 from kpgen.core.plan import FamilyPlan, build_plans
@@ -43,7 +44,15 @@ ROOT = Path(__file__).resolve().parent.parent
 SEED = ROOT / "examples" / "seed-cluster.yaml"
 NODE = NodeFlags(hostname="node-a", cluster_cidrs=("10.244.0.0/16",))
 NFT, IPT = ProxyMode.NFTABLES, ProxyMode.IPTABLES
-WHERE = "ip kpgen"
+WHERE = "ip kpgen"  # the node-wide table
+
+
+def shard_of(service: str) -> str:
+    """The shard table of a service of the default namespace (``ip kpgen-00``)."""
+    return f"ip {nft_shard_table(nft_shard(f'default/{service}'))}"
+
+
+WEB = shard_of("web")
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -98,7 +107,7 @@ def slice_of(documents: list[dict[str, Any]], name: str) -> dict[str, Any]:
 
 def chains_named(delta: str) -> set[str]:
     """The chains an nft delta touches (flush/add/delete chain or a chain block)."""
-    return set(re.findall(r"(?:chain ip kpgen |\tchain )(\S+)", delta))
+    return set(re.findall(r"(?:chain ip kpgen(?:-\d+)? |\tchain )(\S+)", delta))
 
 
 # --- nftables: transactions of service ports' shares (NftLoaded) -------------------------
@@ -117,7 +126,7 @@ def loaded_of(documents: list[dict[str, Any]], flags: NodeFlags = NODE) -> NftLo
     """What a full load of ``documents`` leaves loaded."""
     plan, pieces, renderer = shares(documents, flags)
     referenced = ("cluster-cidrs",) if plan.cluster_cidrs else ()
-    return NftLoaded.of(WHERE, renderer.declaration, pieces, referenced)
+    return NftLoaded.of("ip", renderer, pieces, referenced)
 
 
 def change_to(
@@ -132,6 +141,15 @@ def change_to(
         if loaded.ports.get(key) != new.get(key)
     }
     return loaded.change(changed)
+
+
+def twin_of_web() -> list[dict[str, Any]]:
+    """A service with one endpoint whose name hashes to web's table, and its slice."""
+    name = next(f"web-twin-{i}" for i in itertools.count() if shard_of(f"web-twin-{i}") == WEB)
+    return [
+        service(name, cluster_ip="10.96.0.40"),
+        endpoint_slice(f"{name}-1", service_name=name, endpoints=[endpoint("10.244.5.5")]),
+    ]
 
 
 def commands(script: str) -> list[str]:
@@ -161,9 +179,9 @@ def test_an_endpoint_added_rewrites_that_chain_and_adds_its_hairpin_element_chea
     assert not costly
     assert not [c for c in commands(script) if NEEDS_CACHE.match(c)]
     assert commands(script) == [
-        f"add set {WHERE} cluster-cidrs {{",  # declared: the chain's rules name it
-        f"flush chain {WHERE} service-default/web/tcp/80",
-        f"add chain {WHERE} service-default/web/tcp/80 {{",
+        f"add set {WEB} cluster-cidrs {{",  # declared: the chain's rules name it
+        f"flush chain {WEB} service-default/web/tcp/80",
+        f"add chain {WEB} service-default/web/tcp/80 {{",
         f"add set {WHERE} hairpin-endpoints {{",
     ]
     assert "dnat to 10.244.9.9:80" in script and "10.244.9.9 . 10.244.9.9" in script
@@ -173,21 +191,25 @@ def test_an_endpoint_added_rewrites_that_chain_and_adds_its_hairpin_element_chea
 def test_an_endpoint_removed_leaves_its_hairpin_element_until_a_transaction_deletes_anyway() -> (
     None
 ):
-    loaded = loaded_of(cluster())
-    fewer = cluster()
+    twin = twin_of_web()
+    loaded = loaded_of(cluster() + twin)
+    fewer = cluster() + twin
     slice_of(fewer, "web-1")["endpoints"].pop()
     script, costly = change_to(loaded, fewer)
     assert not costly and "delete" not in script
-    assert loaded.stale == {("hairpin-endpoints", "10.244.2.2 . 10.244.2.2")}
-    script, costly = change_to(loaded, without(fewer, "db"))
-    assert costly
+    assert loaded.stale == {("kpgen", "hairpin-endpoints", "10.244.2.2 . 10.244.2.2")}
+    script, costly = change_to(loaded, without(fewer, "db"))  # db's table is deleted whole
+    assert not costly and len(loaded.stale) == 2
+    script, costly = change_to(loaded, without(without(fewer, "db"), twin[0]["metadata"]["name"]))
+    assert costly  # the twin's chain is deleted from web's table: the other deletions too
     hairpins = f"delete element {WHERE} hairpin-endpoints {{ "
-    assert hairpins + "10.244.2.2 . 10.244.2.2, 10.244.3.3 . 10.244.3.3 }" in script.splitlines()
+    waited = "10.244.2.2 . 10.244.2.2, 10.244.3.3 . 10.244.3.3, 10.244.5.5 . 10.244.5.5 }"
+    assert hairpins + waited in script.splitlines()
     assert loaded.stale == set()
 
 
 def test_a_removed_service_deletes_its_elements_then_its_chains() -> None:
-    script, costly = change_to(loaded_of(cluster()), without(cluster(), "web"))
+    script, costly = change_to(loaded_of(cluster() + twin_of_web()), twin_of_web())
     assert costly
     lines = commands(script)
     flushes = [i for i, ln in enumerate(lines) if ln.startswith("flush chain")]
@@ -196,11 +218,22 @@ def test_a_removed_service_deletes_its_elements_then_its_chains() -> None:
     assert flushes and deletes and chain_deletes
     assert max(flushes) < min(deletes) <= max(deletes) < min(chain_deletes)
     gone = {"service-default/web/tcp/80", "external-default/web/tcp/80"}
-    assert {ln.rsplit(" ", 1)[1] for ln in lines if ln.startswith("flush chain")} == gone
-    assert {ln.rsplit(" ", 1)[1] for ln in lines if ln.startswith("delete chain")} == gone
-    assert f"delete element {WHERE} service-ips {{ 10.96.0.10 . tcp . 80 }}" in lines
-    assert f"delete element {WHERE} service-nodeports {{ tcp . 30080 }}" in lines
+    assert {ln.rsplit(" ", 1)[1] for ln in lines if ln.startswith("flush chain")} >= gone
+    assert {ln.rsplit(" ", 1)[1] for ln in lines if ln.startswith("delete chain")} >= gone
+    assert f"delete element {WEB} service-ips {{ 10.96.0.10 . tcp . 80 }}" in lines
+    assert f"delete element {WEB} service-nodeports {{ tcp . 30080 }}" in lines
+    assert f"delete table {WEB}" not in lines  # the twin is still in it
     assert not any(ln.startswith("add ") for ln in lines)
+
+
+def test_a_service_alone_in_its_table_goes_with_the_table() -> None:
+    script, _ = change_to(loaded_of(cluster()), without(cluster(), "web"))
+    lines = commands(script)
+    assert f"delete table {WEB}" in lines
+    assert not [ln for ln in lines if f" {WEB} " in ln]  # nothing else of its table is written
+    assert not any(ln.startswith("add ") for ln in lines)
+    script, _ = change_to(loaded_of(without(cluster(), "web")), cluster())  # and back
+    assert commands(script)[0] == f"table {WEB} {{"
 
 
 def test_a_service_losing_its_endpoints_moves_its_keys_to_the_reject_maps() -> None:
@@ -208,8 +241,7 @@ def test_a_service_losing_its_endpoints_moves_its_keys_to_the_reject_maps() -> N
     slice_of(after, "web-1")["endpoints"] = []
     script, _ = change_to(loaded_of(cluster()), after)
     lines = script.splitlines()
-    assert f"delete chain {WHERE} service-default/web/tcp/80" in lines
-    assert f"delete element {WHERE} service-ips {{ 10.96.0.10 . tcp . 80 }}" in lines
+    assert f"delete table {WEB}" in lines  # web's chains and dispatch elements with it
     assert f"add map {WHERE} no-endpoint-services {{" in lines
     assert "10.96.0.10 . tcp . 80 : goto reject-chain" in lines
     assert "tcp . 30080 : goto reject-chain" in lines
@@ -289,25 +321,25 @@ NFT_STEPS = textwrap.dedent(
 
 
 def nft_canonical(namespace: str) -> dict[str, Any]:
-    """``nft -j list table ip kpgen`` without what a correct load may leave different: the
-    objects' handles, the order of chains and sets, the order of set elements. Rule order
-    within a chain is kept."""
-    listing = json.loads(run_in(namespace, "nft", "-j", "list", "table", "ip", "kpgen"))
-    table: dict[str, Any] = {}
+    """``nft -j list ruleset ip`` (kpgen's tables are the namespace's only ones) without what
+    a correct load may leave different: the objects' handles, the order of tables, chains
+    and sets, the order of set elements. Rule order within a chain is kept."""
+    listing = json.loads(run_in(namespace, "nft", "-j", "list", "ruleset", "ip"))
+    tables: dict[str, Any] = {}
     objects: dict[str, Any] = {}
     rules: dict[str, list[str]] = defaultdict(list)
     for item in listing["nftables"]:
         ((kind, body),) = item.items()
         body = {k: v for k, v in body.items() if k != "handle"}
         if kind == "table":
-            table = body
+            tables[body["name"]] = body
         elif kind == "rule":
-            rules[body["chain"]].append(json.dumps(body, sort_keys=True))
+            rules[f"{body['table']} {body['chain']}"].append(json.dumps(body, sort_keys=True))
         elif kind in ("chain", "set", "map"):
             if "elem" in body:
                 body["elem"] = sorted(json.dumps(e, sort_keys=True) for e in body["elem"])
-            objects[f"{kind} {body['name']}"] = body
-    return {"table": table, "objects": objects, "rules": dict(rules)}
+            objects[f"{kind} {body['table']} {body['name']}"] = body
+    return {"tables": tables, "objects": objects, "rules": dict(rules)}
 
 
 def ipt_canonical(saved: str) -> dict[str, tuple[list[str], list[str]]]:
@@ -441,7 +473,7 @@ def test_nft_full_a_then_transactions_to_b_equal_full_b_in_the_kernel(pair: Pair
     steps = [("full", a)]
     if node_a != node_b:
         steps.append(("full", b))
-        stale: set[tuple[str, str]] = set()
+        stale: set[tuple[str, str, str]] = set()
     else:
         loaded = loaded_of(pair.a, node_a)
         for documents in (pair.b, pair.a, pair.b):
@@ -453,12 +485,12 @@ def test_nft_full_a_then_transactions_to_b_equal_full_b_in_the_kernel(pair: Pair
         run_in(via_delta, sys.executable, "-c", NFT_STEPS, stdin=json.dumps(steps))
         run_in(fresh, sys.executable, "-c", NFT_STEPS, stdin=json.dumps([("full", b)]))
         got, want = nft_canonical(via_delta), nft_canonical(fresh)
-    hairpin = "set hairpin-endpoints"
+    hairpin = "set kpgen hairpin-endpoints"
     extra = set(got["objects"][hairpin].pop("elem", [])) - set(
         want["objects"][hairpin].pop("elem", [])
     )
     assert got == want, pair.how
-    assert extra == {json.dumps(_hairpin_json(e), sort_keys=True) for _, e in stale}
+    assert extra == {json.dumps(_hairpin_json(e), sort_keys=True) for _, _, e in stale}
 
 
 def _hairpin_json(element: str) -> Any:

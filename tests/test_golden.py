@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from builders import nft_elements
 from golden.cases import CASES, GOLDEN, SUFFIXES, golden_path
 
 from kpgen.core.node import node_config
@@ -94,17 +95,9 @@ def test_case_descriptions_are_one_line() -> None:
 # to something wrong.
 
 
-def _nft_map(text: str, name: str) -> list[str]:
-    """The element lines of the nft map or set ``name``."""
-    block = re.search(rf"\n\t(?:map|set) {name} {{\n(.*?)\n\t}}\n", text, re.S)
-    assert block, f"no map {name}"
-    elements = re.search(r"elements = \{\n(.*?)\n\t\t\}", block.group(1), re.S)
-    return [e.strip().rstrip(",") for e in elements.group(1).splitlines()] if elements else []
-
-
 def test_ports_without_endpoints_are_rejected_on_every_address() -> None:
     nft = render_case("no-endpoints", "nftables")
-    rejected = _nft_map(nft, "no-endpoint-services")
+    rejected = nft_elements(nft, "no-endpoint-services")
     assert all(e.endswith(": goto reject-chain") for e in rejected)
     assert {e.split(" : ")[0] for e in rejected} == {
         "10.100.0.1 . tcp . 80",  # empty slice
@@ -116,12 +109,12 @@ def test_ports_without_endpoints_are_rejected_on_every_address() -> None:
         "10.100.0.6 . tcp . 80",  # slice port matches no service port
         "10.100.0.7 . tcp . 9000",  # the unserved port of half-served
     }
-    assert sorted(_nft_map(nft, "no-endpoint-nodeports")) == [
+    assert sorted(nft_elements(nft, "no-endpoint-nodeports")) == [
         "tcp . 30003 : goto reject-chain",
         "tcp . 30004 : goto reject-chain",
         "tcp . 30008 : goto reject-chain",
     ]
-    assert _nft_map(nft, "service-nodeports") == [
+    assert nft_elements(nft, "service-nodeports") == [
         "tcp . 30007 : goto external-default/half-served/tcp/80"
     ]
 
@@ -138,12 +131,12 @@ def test_ports_without_endpoints_are_rejected_on_every_address() -> None:
 
 def test_nodeports_and_external_addresses_go_through_masquerading_external_chains() -> None:
     nft = render_case("external", "nftables")
-    assert sorted(_nft_map(nft, "service-nodeports")) == [
+    assert sorted(nft_elements(nft, "service-nodeports")) == [
         "tcp . 30100 : goto external-edge/np-ext/tcp/80",
         "tcp . 30200 : goto external-edge/lb/tcp/80",
         "udp . 30201 : goto external-edge/lb/udp/443",
     ]
-    ips = dict(e.split(" : ") for e in _nft_map(nft, "service-ips"))
+    ips = dict(e.split(" : ") for e in nft_elements(nft, "service-ips"))
     for address in ("203.0.113.10", "203.0.113.11"):
         assert ips[f"{address} . tcp . 80"] == "goto external-edge/np-ext/tcp/80"
     for address in ("198.51.100.20", "198.51.100.21"):

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import ipaddress
 import random
-import re
 from dataclasses import dataclass, replace
 from typing import Any
 
 import kernel
 import pytest
+from builders import nft_elements
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -291,13 +291,6 @@ def test_rendering_is_deterministic_and_independent_of_document_order(
         assert render_mode(shuffled, flags, mode) == first
 
 
-def _nft_elements(text: str, name: str) -> list[str]:
-    block = re.search(rf"\n\tmap {name} {{\n(.*?)\n\t}}\n", text, re.S)
-    assert block is not None, f"no map {name}"
-    elements = re.search(r"elements = \{\n(.*?)\n\t\t\}", block.group(1), re.S)
-    return [e.strip().rstrip(",") for e in elements.group(1).splitlines()] if elements else []
-
-
 @QUICK
 @given(clusters(), node_flags())
 def test_every_service_port_is_either_dispatched_or_rejected_exactly_once(
@@ -307,12 +300,12 @@ def test_every_service_port_is_either_dispatched_or_rejected_exactly_once(
     by_address = [
         e.split(" : ")[0]
         for m in ("service-ips", "no-endpoint-services")
-        for e in _nft_elements(nft, m)
+        for e in nft_elements(nft, m)
     ]
     by_node_port = [
         e.split(" : ")[0]
         for m in ("service-nodeports", "no-endpoint-nodeports")
-        for e in _nft_elements(nft, m)
+        for e in nft_elements(nft, m)
     ]
     expected_addresses, expected_node_ports = [], []
     for service in cluster.services:

@@ -77,8 +77,8 @@ class Running:
         return self.log_path.read_text()
 
     def table(self) -> str:
-        """``nft list table ip kpgen``; empty while there is none."""
-        result = self.ns("nft", "list", "table", "ip", "kpgen")
+        """``nft list ruleset ip``: kpgen's tables, the namespace's only ones."""
+        result = self.ns("nft", "list", "ruleset", "ip")
         return result.stdout if result.returncode == 0 else ""
 
     def get(self, port: int, path: str) -> tuple[int, str]:

@@ -12,7 +12,6 @@ from typing import Any
 
 from kpgen.core.index import Changes, ClusterIndex, DocKey
 from kpgen.core.model import IPFamily, ObjectRef
-from kpgen.core.names import NFT_TABLE
 from kpgen.core.node import NodeConfig, ProxyMode
 from kpgen.core.parse import Problem
 from kpgen.core.plan import FamilyPlan, PortPlan, family_plan
@@ -95,8 +94,8 @@ class NodeRules:
             loader.load_nft(plans, tables)
             self._loaded = {
                 plan.family: NftLoaded.of(
-                    f"{plan.family.nft_family} {NFT_TABLE}",
-                    self._renderers[plan.family].declaration,
+                    plan.family.nft_family,
+                    self._renderers[plan.family],
                     self._pieces[plan.family],
                     ("cluster-cidrs",) if plan.cluster_cidrs else (),
                 )

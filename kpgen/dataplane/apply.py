@@ -18,15 +18,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from kpgen.core.model import IPFamily
-from kpgen.core.names import AFFINITY_PREFIX, NFT_TABLE
+from kpgen.core.names import AFFINITY_PREFIX
 from kpgen.core.node import ProxyMode
 from kpgen.core.plan import FamilyPlan
 from kpgen.dataplane.kernel import (
     Generation,
+    GenerationReader,
     KernelError,
     Nft,
     detect_iptables_variant,
-    generation,
     iptables_save,
     iptables_tool,
     iptables_variants,
@@ -40,7 +40,7 @@ from kpgen.render.delta import iptables_delta
 from kpgen.render.text import IPTABLES_JUMPS, IptablesJump, render_plan
 
 IPTABLES_TABLES = ("nat", "filter")
-_NFT_OBJECT = re.compile(r"^\t(chain|set|map) (\S+) \{$", re.M)
+_NFT_OBJECT = re.compile(r"^(?:table \S+ (\S+)|\t(?:chain|set|map) (\S+)) \{$", re.M)
 
 # What a failed load or cleanup raises: the kernel refused, a tool was missing or hung, or
 # another writer held the lock too long. The rules loaded before are untouched in every case.
@@ -56,34 +56,41 @@ def require_root() -> None:
 
 
 class Nftables(Nft):
-    """kpgen's tables: ``ip kpgen`` (and ``ip6 kpgen``), replaced whole in one transaction."""
+    """kpgen's tables: ``ip kpgen`` and its shard tables ``ip kpgen-NN`` (and the ``ip6``
+    ones), replaced whole in one transaction."""
 
     def apply(self, tables: dict[IPFamily, str], *, check: bool = False) -> None:
-        """Replace the contents of kpgen's table of each family with ``tables[family]``, all
-        in one transaction.
+        """Replace the contents of kpgen's tables of each family with ``tables[family]`` (the
+        node-wide table and the shard tables, as rendered), all in one transaction.
 
-        The table and its base chains stay: they are flushed and filled again, and only the
-        objects the new rules no longer have are deleted. (Deleting and re-creating the table
-        lets a packet that arrives during the commit miss both the old and the new base
-        chains: the e2e suite saw new connections go untranslated that way.)
+        A table that stays is flushed and filled again, and only the objects the new rules no
+        longer have are deleted. (Deleting and re-creating a table lets a packet that arrives
+        during the commit miss both the old and the new base chains: the e2e suite saw new
+        connections go untranslated that way.) Shard tables the rules no longer have are
+        deleted.
         """
-        script = []
+        script, after = [], []
         for family, text in tables.items():
-            name = f"{family.nft_family} {NFT_TABLE}"
             existing = self.objects(family)
-            wanted = {m.group(2) for m in _NFT_OBJECT.finditer(text)}  # the rendered text's
-            script.append(f"add table {name}\nflush table {name}\n")
-            # sets and maps are refilled; the affinity sets hold what clients did (dynamic
-            # entries), not rules, and keep it
-            script += [
-                f"flush {kind} {name} {obj}\n"
-                for obj, kind in existing.items()
-                if kind != "chain" and not obj.startswith(AFFINITY_PREFIX)
-            ]
+            for table, wanted in _nft_objects(text).items():
+                name = f"{family.nft_family} {table}"
+                there = existing.pop(table, {})
+                script.append(f"add table {name}\nflush table {name}\n")
+                # sets and maps are refilled; the affinity sets hold what clients did (dynamic
+                # entries), not rules, and keep it
+                script += [
+                    f"flush {kind} {name} {obj}\n"
+                    for obj, kind in there.items()
+                    if kind != "chain" and not obj.startswith(AFFINITY_PREFIX)
+                ]
+                after += [
+                    f"delete {kind} {name} {obj}\n"
+                    for obj, kind in there.items()
+                    if obj not in wanted
+                ]
+            after += [f"delete table {family.nft_family} {table}\n" for table in existing]
             script.append(text)
-            stale = [(kind, obj) for obj, kind in existing.items() if obj not in wanted]
-            script += [f"delete {kind} {name} {obj}\n" for kind, obj in stale]
-        self.run("".join(script), check=check)
+        self.run("".join(script + after), check=check)
 
     def cleanup(self) -> list[str]:
         """Delete kpgen's tables; nothing else. Returns what was deleted."""
@@ -91,6 +98,18 @@ class Nftables(Nft):
         if existing:
             self.run("".join(f"delete table {name}\n" for name in existing))
         return existing
+
+
+def _nft_objects(text: str) -> dict[str, set[str]]:
+    """The tables of rendered nft text, with the chains, sets and maps of each."""
+    found: dict[str, set[str]] = {}
+    objects: set[str] = set()
+    for table, obj in _NFT_OBJECT.findall(text):
+        if table:
+            objects = found.setdefault(table, set())
+        else:
+            objects.add(obj)
+    return found
 
 
 # --- iptables ---------------------------------------------------------------------------
@@ -273,16 +292,17 @@ class RuleLoader:
         self.loaded: dict[IPFamily, str] | None = None
         self._nft: Nftables | None = None
         self.written: Generation | None = None  # nf_tables' generation after the last write
+        self._generations = GenerationReader()
 
     def _wrote(self) -> None:
-        self.written = generation()
+        self.written = self._generations.read()
 
     def changed_since_written(self) -> Generation | None:
         """nf_tables' generation if someone committed since kpgen's last write (or it is
         unknown), else None: kpgen's rules are as it left them."""
         if self.mode is ProxyMode.IPTABLES and self.iptables_variant == "legacy":
             return Generation(-1)  # iptables-legacy moves no generation: always unknown
-        now = generation()
+        now = self._generations.read()
         if now is None or self.written is None or now.id != self.written.id:
             return now or Generation(-1)
         return None

@@ -182,7 +182,7 @@ class Loaded:
         if self.nft is not None:
             if family not in self.nft_families:
                 return None
-            items = self.nft.json(f"list table {_nft_table(family)}")
+            items = self.nft.listing(family)
             for item in items:  # the table's comment (newer nft lists it), or a rule's
                 obj = item.get("table") or item.get("rule")
                 if self._recorded is None and isinstance(obj, dict):

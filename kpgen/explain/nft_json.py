@@ -48,7 +48,7 @@ import json
 from typing import Any
 
 from kpgen.core.model import IPFamily
-from kpgen.core.names import NFT_TABLE
+from kpgen.core.names import NFT_TABLE, is_nft_table
 from kpgen.explain.rules import (
     MARK_OPS,
     PRIORITIES,
@@ -70,7 +70,6 @@ from kpgen.explain.rules import (
     Unknown,
     Verdict,
     VerdictMap,
-    chain_key,
     hostport,
     mark_statement,
     parse_pattern,
@@ -81,11 +80,14 @@ from kpgen.explain.rules import (
 _MARK_WORDS = {symbol: word for word, symbol in MARK_OPS.items() if word.isalpha()}
 
 
-def read_nft_json(items: list[dict[str, Any]], family: IPFamily, table: str = NFT_TABLE) -> Ruleset:
-    """The ``family`` table ``table`` of a JSON listing (``Nft().json("list table ip kpgen")``):
-    its chains (their rules read when a packet first enters them), sets and maps."""
+def read_nft_json(items: list[dict[str, Any]], family: IPFamily) -> Ruleset:
+    """kpgen's ``family`` tables in a JSON listing (:meth:`kpgen.dataplane.kernel.Nft.listing`)
+    as one table (:meth:`Ruleset.add_table`): its chains (their rules read when a packet
+    first enters them), sets and maps."""
     ruleset = Ruleset("nftables", "kernel", family)
-    name = f"{family.nft_family} {table}"
+    name = f"{family.nft_family} {NFT_TABLE}"
+    chains: dict[tuple[str, str], Chain] = {}
+    sets: dict[str, list[ElementSet]] = {}
     updated: set[str] = set()
     for item in items:
         if len(item) != 1:
@@ -93,21 +95,28 @@ def read_nft_json(items: list[dict[str, Any]], family: IPFamily, table: str = NF
         ((kind, obj),) = item.items()
         if not isinstance(obj, dict) or kind not in ("chain", "set", "map", "rule"):
             continue  # metainfo, the table itself, objects kpgen does not make
-        if obj.get("family") != family.nft_family or obj.get("table") != table:
+        table = str(obj.get("table"))
+        if obj.get("family") != family.nft_family or not is_nft_table(table):
             continue
         try:
             if kind == "chain":
-                chain = _chain(obj, name)
-                ruleset.chains[chain.key] = chain
+                chains[table, obj["name"]] = _chain(obj, name)
             elif kind in ("set", "map"):
-                ruleset.sets[obj["name"]] = _set(obj, kind == "map")
+                sets.setdefault(table, []).append(_set(obj, kind == "map"))
             else:
-                key = chain_key(name, obj["chain"])
-                chain = ruleset.chains.setdefault(key, Chain(obj["chain"], name, reader=read_rule))
+                key = (table, obj["chain"])
+                chain = chains.setdefault(key, Chain(obj["chain"], name, reader=read_rule))
                 chain.sources.append(obj)
                 updated |= _updated_sets(obj.get("expr", []))
         except (KeyError, TypeError, ValueError):
             raise RuleSyntaxError(f"cannot read the {kind} {_show(obj)}") from None
+    for table in sorted({t for t, _ in chains} | sets.keys(), key=lambda t: t != NFT_TABLE):
+        ruleset.add_table(
+            name,
+            (chain for (t, _), chain in chains.items() if t == table),
+            sets.get(table, ()),
+            same=lambda rule: rule.get("expr"),
+        )
     for set_name in updated & ruleset.sets.keys():
         ruleset.sets[set_name].dynamic = True
     return ruleset

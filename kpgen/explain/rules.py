@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import cached_property
 from typing import Any
 
 from kpgen.core.model import IPAddress, IPFamily, IPNetwork
-from kpgen.core.names import IPT_PREFIX
+from kpgen.core.names import IPT_PREFIX, NFT_TABLE, is_nft_table
 from kpgen.dataplane.kernel import read_iptables_save
 
 PROTOCOLS = {"icmp": 1, "tcp": 6, "udp": 17, "sctp": 132}
@@ -414,6 +414,32 @@ class Ruleset:
     sets: dict[str, ElementSet] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # what was left out, and why
 
+    def add_table(
+        self,
+        table: str,
+        chains: Iterable[Chain],
+        sets: Iterable[ElementSet],
+        same: Callable[[Any], Any] = lambda source: source,
+    ) -> None:
+        """Add a table's chains and sets (``table``: the name they are kept under). kpgen's
+        shard tables (kpgen.core.names.NFT_SHARDS) are read as one table with the node-wide
+        one: each repeats the same NAT hooks, ``services`` chain and node-wide sets, holds
+        its own service ports' elements of the dispatch maps and its ports' chains, and no
+        two hold the same key. So the first copy of a repeated chain is walked (a copy that
+        differs, compared by ``same`` of each rule, is noted) and the maps' elements are
+        joined: the walk is the one a packet takes through the tables, one after another."""
+        for chain in chains:
+            chain.table = table
+            kept = self.chains.setdefault(chain.key, chain)
+            if kept is not chain and [same(s) for s in kept.sources] != [
+                same(s) for s in chain.sources
+            ]:
+                self.notes.append(f"chain {chain.name} differs between kpgen's tables")
+        for element_set in sets:
+            kept_set = self.sets.setdefault(element_set.name, element_set)
+            if kept_set is not element_set:
+                kept_set.pending += element_set.pending
+
     def hook_chains(self, hook: str) -> list[Chain]:
         """The base chains at ``hook``, in the order the kernel runs them (priority)."""
         chains = [c for c in self.chains.values() if c.hook == hook]
@@ -531,10 +557,13 @@ class _NftParser:
                 raise RuleSyntaxError(f"line {self.index}: unexpected {text!r} in table {name}")
         wanted = self.ruleset.family
         if family != wanted.nft_family:  # an IPv4 packet never sees an ip6 table, and back
-            self.ruleset.notes.append(f"table {name} was left out: explain walks {wanted.value}")
+            if name.split()[1] == NFT_TABLE:  # its shard tables go unsaid
+                note = f"table {name} was left out: explain walks {wanted.value}"
+                self.ruleset.notes.append(note)
             return
-        self.ruleset.chains.update(chains)
-        self.ruleset.sets.update(sets)
+        if is_nft_table(name.split()[1]):
+            name = f"{family} {NFT_TABLE}"
+        self.ruleset.add_table(name, chains.values(), sets.values())
 
     def chain(self, table: str, name: str) -> Chain:
         chain = Chain(name, table, reader=parse_nft_rule)

@@ -1,14 +1,16 @@
 """Partial syncs: the smallest kernel transaction that turns loaded rules into new ones.
 
-nftables: :class:`NftLoaded` keeps what kpgen's table of one family holds, one service port's
-share at a time (kpgen.render.text.NftPort, rendered by the same templates as the whole
-table), and :meth:`NftLoaded.change` writes the transaction that replaces some ports' shares
-by new ones. Its commands are chosen so that libnftables needs no copy of the kernel's table
-to resolve them (nft 1.0.6 lists every chain of the node before an ``add element`` or an
-``add rule``: 15 ms at 20,000 chains, see docs/performance.md): elements are added with
-``add map NAME { type ...; elements = ... }``, a chain's rules with ``add chain NAME { ...
-}``. Deletions cannot be phrased so; deleting an endpoint's hairpin element, which nothing
-else needs, waits until a transaction pays for that copy anyway (or the next full sync).
+nftables: :class:`NftLoaded` keeps what kpgen's tables of one family hold (the node-wide table
+and the shard tables), one service port's share at a time (kpgen.render.text.NftPort,
+rendered by the same templates as the whole tables), and :meth:`NftLoaded.change` writes the
+transaction that replaces some ports' shares by new ones. Its commands are chosen so that
+libnftables needs no copy of the kernel's tables to resolve them (nft 1.0.6 lists every chain
+of the node before an ``add element`` or an ``add rule``: 15 ms at 20,000 chains, see
+docs/performance.md): elements are added with ``add map NAME { type ...; elements = ... }``,
+a chain's rules with ``add chain NAME { ... }``. Deletions cannot be phrased so; deleting an
+endpoint's hairpin element, which nothing else needs, waits until a transaction pays for
+that copy anyway (or the next full sync). The ports' chains are in shard tables
+(kpgen.core.names.NFT_SHARDS): a change makes the kernel check only the tables it touches.
 
 iptables: :func:`iptables_delta` compares two renderings and rewrites the chains that differ.
 """
@@ -18,14 +20,16 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
-from kpgen.render.text import NFT_SHARED, NftPort
+from kpgen.core.names import NFT_TABLE, nft_shard_table
+from kpgen.render.text import NFT_SHARD_CONTAINERS, NFT_SHARED, NftPort
 
 # elements whose deletion may wait: no verdict, no chain, nothing another rule needs gone
 _DEFERRABLE = frozenset({"hairpin-endpoints"})
 # at most this many wait: then the next transaction deletes them (so does a full sync)
 STALE_LIMIT = 1000
-Element = tuple[str, str]  # (set or map, element)
+Element = tuple[str, str, str]  # (table, set or map, element)
 Block = tuple[str, tuple[str, ...]]  # (chain or set, its lines)
 
 
@@ -51,47 +55,69 @@ def _key(element: str) -> str:
     return element.split(" : ", 1)[0]
 
 
+def _elements(port: NftPort | None) -> Iterable[Element]:
+    """A port's elements, each with the table it is in."""
+    if port is None:
+        return ()
+    shard = nft_shard_table(port.shard)
+    return (
+        (shard if container in NFT_SHARD_CONTAINERS else NFT_TABLE, container, element)
+        for container, element in port.elements
+    )
+
+
 @dataclass
 class NftLoaded:
-    """kpgen's table of one family as loaded: each service port's share (by port key), how
-    many ports need each element, and elements still loaded that no port needs (deletions
-    that wait)."""
+    """kpgen's tables of one family as loaded: each service port's share (by port key), how
+    many ports need each element, elements still loaded that no port needs (deletions that
+    wait), and how many ports each shard table holds."""
 
-    table: str  # "ip kpgen"
-    declaration: Callable[[str], str]  # a shared set's or map's type and flags
+    family: str  # "ip", "ip6"
+    renderer: Any  # templates/nftables.port.j2's macros (kpgen.render.text.nft_port_renderer)
     ports: dict[str, NftPort] = field(default_factory=dict)
     counts: Counter[Element] = field(default_factory=Counter)
     stale: set[Element] = field(default_factory=set)
+    shards: Counter[int] = field(default_factory=Counter)
     # sets the port chains may name, declared in a transaction before its chains
     referenced_sets: tuple[str, ...] = ()
 
     @classmethod
     def of(
         cls,
-        table: str,
-        declaration: Callable[[str], str],
+        family: str,
+        renderer: Any,
         ports: Mapping[str, NftPort],
         referenced_sets: tuple[str, ...],
     ) -> NftLoaded:
         """What a full load of ``ports`` leaves loaded."""
-        loaded = cls(table, declaration, dict(ports), referenced_sets=referenced_sets)
+        loaded = cls(family, renderer, dict(ports), referenced_sets=referenced_sets)
         for port in ports.values():
-            loaded.counts.update(port.elements)
+            loaded.counts.update(_elements(port))
+            loaded.shards[port.shard] += port.in_shard
         return loaded
 
     def change(self, changed: Mapping[str, NftPort | None]) -> tuple[str, bool]:
         """The transaction that puts the ``changed`` ports' new shares in place of their old
-        ones (None: the port is gone), and whether it needs libnftables' copy of the table
-        (deletions); this object then describes the table as it will be once the transaction
-        is committed (on a failure, the caller loads everything again)."""
-        t = self.table
+        ones (None: the port is gone), and whether it needs libnftables' copy of the tables
+        (deletions); this object then describes the tables as they will be once the
+        transaction is committed (on a failure, the caller loads everything again). A shard
+        table is created with its first port and deleted with its last."""
+        f = self.family
         gone_elements: Counter[Element] = Counter()
         new_elements: Counter[Element] = Counter()
         flush, delete_chains, delete_sets, add_sets, add_chains = [], [], [], [], []
+        shards_before = +self.shards
+        touched: set[str] = set()  # shard tables that get chains
         for key, new in changed.items():
             old = self.ports.pop(key, None)
             if new is not None:
                 self.ports[key] = new
+            for port, step in ((old, -1), (new, 1)):
+                if port is not None and port.in_shard:
+                    self.shards[port.shard] += step
+            either = new or old
+            assert either is not None
+            t = f"{f} {nft_shard_table(either.shard)}"
             before = blocks(old.objects) if old else {}
             after = blocks(new.objects) if new else {}
             for name, (kind, body) in after.items():
@@ -101,21 +127,22 @@ class NftLoaded:
                 text = "".join(f"\t{line}\n" for line in body)
                 if kind == "set":
                     if was is not None:  # a set's definition changed (its timeout)
-                        delete_sets.append(name)
+                        delete_sets.append((t, name))
                     add_sets.append(f"add set {t} {name} {{\n{text}}}\n")
                 else:
                     if was is not None:
-                        flush.append(name)
+                        flush.append((t, name))
                     add_chains.append(f"add chain {t} {name} {{\n{text}}}\n")
+                    touched.add(t)
             for name, (kind, _) in before.items():
                 if name not in after:
                     if kind == "chain":
-                        flush.append(name)
-                        delete_chains.append(name)
+                        flush.append((t, name))
+                        delete_chains.append((t, name))
                     else:
-                        delete_sets.append(name)
-            gone_elements.update(old.elements if old else ())
-            new_elements.update(new.elements if new else ())
+                        delete_sets.append((t, name))
+            gone_elements.update(_elements(old))
+            new_elements.update(_elements(new))
         removed, added = [], []
         for element in gone_elements.keys() | new_elements.keys():
             count = self.counts[element]
@@ -129,52 +156,67 @@ class NftLoaded:
                 self.counts.pop(element, None)
                 if count > 0:
                     removed.append(element)
+        self.shards = +self.shards
+        created = [n for n in self.shards if n not in shards_before]
+        dropped = {nft_shard_table(n) for n in shards_before if n not in self.shards}
+
+        def stays(where: str | tuple[str, ...]) -> bool:
+            """Whether a command's table stays (a dropped table is deleted whole)."""
+            table = where if isinstance(where, str) else where[0]
+            return table.rsplit(" ", 1)[-1] not in dropped
+
         # a changed verdict is a deletion and an addition of the same key
-        deletions = [e for e in removed if e[0] not in _DEFERRABLE]
-        self.stale.update(e for e in removed if e[0] in _DEFERRABLE)
+        deletions = [e for e in removed if e[1] not in _DEFERRABLE and e[0] not in dropped]
+        self.stale.update(e for e in removed if e[1] in _DEFERRABLE)
+        flush, delete_chains, delete_sets = (
+            [c for c in commands if stays(c)] for commands in (flush, delete_chains, delete_sets)
+        )
         costly = bool(deletions or delete_chains or delete_sets)
         if costly or len(self.stale) > STALE_LIMIT:
             deletions += sorted(self.stale)
             self.stale.clear()
-        script = []
-        if add_chains:
-            script += [
-                f"add set {t} {n} {{\n{self.declaration(n)}\n}}\n" for n in self.referenced_sets
-            ]
-        script += [f"flush chain {t} {name}\n" for name in flush]
-        script += _grouped("delete element", t, deletions, key=_key)
-        script += [f"delete chain {t} {name}\n" for name in delete_chains]
-        script += [f"delete set {t} {name}\n" for name in delete_sets]
+        script = [
+            str(self.renderer.shard(nft_shard_table(n), {}, [])).lstrip("\n")
+            for n in sorted(created)
+        ]
+        script += [
+            f"add set {t} {n} {{\n{self.renderer.declaration(n)}\n}}\n"
+            for t in sorted(touched)
+            for n in self.referenced_sets
+        ]
+        script += [f"flush chain {t} {name}\n" for t, name in flush]
+        script += _grouped(f"delete element {f}", deletions, key=_key)
+        script += [f"delete chain {t} {name}\n" for t, name in delete_chains]
+        script += [f"delete set {t} {name}\n" for t, name in delete_sets]
         script += add_sets + add_chains
-        for container, elements in _by_container(added).items():
+        for (table, container), elements in _by_container(added).items():
             what = "set" if container in NFT_SHARED else "map"
             listed = ",\n".join(elements)
             script.append(
-                f"add {what} {t} {container} {{\n{self.declaration(container)}\n"
+                f"add {what} {f} {table} {container} {{\n{self.renderer.declaration(container)}\n"
                 f"elements = {{\n{listed}\n}}\n}}\n"
             )
+        script += [f"delete table {f} {table}\n" for table in sorted(dropped)]
         return "".join(script), costly
 
     def delete_stale(self) -> str:
         """The transaction that deletes the elements whose deletion waited (empty: none)."""
-        script = "".join(_grouped("delete element", self.table, self.stale, key=_key))
+        script = "".join(_grouped(f"delete element {self.family}", self.stale, key=_key))
         self.stale.clear()
         return script
 
 
-def _by_container(elements: Iterable[Element]) -> dict[str, list[str]]:
-    found: dict[str, list[str]] = {}
-    for container, element in sorted(elements):
-        found.setdefault(container, []).append(element)
+def _by_container(elements: Iterable[Element]) -> dict[tuple[str, str], list[str]]:
+    found: dict[tuple[str, str], list[str]] = {}
+    for table, container, element in sorted(elements):
+        found.setdefault((table, container), []).append(element)
     return found
 
 
-def _grouped(
-    verb: str, table: str, elements: Iterable[Element], key: Callable[[str], str]
-) -> list[str]:
+def _grouped(verb: str, elements: Iterable[Element], key: Callable[[str], str]) -> list[str]:
     return [
         f"{verb} {table} {container} {{ {', '.join(dict.fromkeys(map(key, items)))} }}\n"
-        for container, items in _by_container(elements).items()
+        for (table, container), items in _by_container(elements).items()
     ]
 
 

@@ -149,18 +149,26 @@ def _environment() -> jinja2.Environment:
 
 @dataclass(frozen=True)
 class NftPort:
-    """One service port's share of the nftables table, rendered on its own by
+    """One service port's share of the nftables tables, rendered on its own by
     templates/nftables.port.j2: its elements of the shared sets and maps (``(container,
-    element)`` pairs, in the table's order) and its own sets and chains as they stand in the
-    table (empty for a port without endpoints)."""
+    element)`` pairs, in the table's order), its own sets and chains as they stand in its
+    shard table (empty for a port without endpoints), and that table's number."""
 
     elements: tuple[tuple[str, str], ...]
     objects: str
+    shard: int
+
+    @property
+    def in_shard(self) -> bool:
+        """Whether the port has anything in its shard table (a shard table exists while one
+        of its ports does)."""
+        return bool(self.objects) or any(c in NFT_SHARD_CONTAINERS for c, _ in self.elements)
 
 
 # The shared sets and maps that service ports put elements into, in the table's order; the
 # ones whose elements several ports may share (an endpoint of two ports, a ClusterIP of a
-# multi-port service) are listed once, ordered by address.
+# multi-port service) are listed once, ordered by address. The dispatch maps are in each
+# shard table (the port's), the others in the node-wide table.
 NFT_CONTAINERS = (
     "cluster-ips",
     "hairpin-endpoints",
@@ -170,6 +178,7 @@ NFT_CONTAINERS = (
     "no-endpoint-nodeports",
 )
 NFT_SHARED = frozenset({"cluster-ips", "hairpin-endpoints"})
+NFT_SHARD_CONTAINERS = frozenset({"service-ips", "service-nodeports"})
 
 
 def _element_address(element: str) -> IPAddress:
@@ -183,10 +192,10 @@ def nft_port_renderer(plan: FamilyPlan) -> Any:
 
 
 def render_nft_port(renderer: Any, port: PortPlan) -> NftPort:
-    """One service port's share of the table, through ``renderer`` (:func:`nft_port_renderer`)."""
+    """One service port's share of the tables, through ``renderer`` (:func:`nft_port_renderer`)."""
     lines = str(renderer.elements(port)).splitlines()
     pairs = tuple((line[: line.index(" ")], line[line.index(" ") + 1 :]) for line in lines)
-    return NftPort(pairs, str(renderer.objects(port)))
+    return NftPort(pairs, str(renderer.objects(port)), names.nft_shard(str(port.service)))
 
 
 def nft_elements(ports: Iterable[NftPort]) -> dict[str, list[str]]:
@@ -201,10 +210,22 @@ def nft_elements(ports: Iterable[NftPort]) -> dict[str, list[str]]:
 
 
 def render_nft_table(plan: FamilyPlan, ports: Sequence[NftPort]) -> str:
-    """The family's nftables table, assembled from its service ports' shares."""
+    """The family's nftables tables (the node-wide one, then the shard tables in order),
+    assembled from its service ports' shares."""
     template = _environment().get_template(TEMPLATES[ProxyMode.NFTABLES])
-    chunks = [port.objects for port in ports if port.objects]
-    return template.render(plan=plan, elements_of=nft_elements(ports), chunks=chunks)
+    by_shard: dict[int, list[NftPort]] = {}
+    for port in ports:
+        if port.in_shard:
+            by_shard.setdefault(port.shard, []).append(port)
+    shards = [
+        (
+            names.nft_shard_table(shard),
+            nft_elements(by_shard[shard]),
+            [port.objects for port in by_shard[shard] if port.objects],
+        )
+        for shard in sorted(by_shard)
+    ]
+    return template.render(plan=plan, elements_of=nft_elements(ports), shards=shards)
 
 
 @dataclass(frozen=True)

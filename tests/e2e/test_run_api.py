@@ -77,9 +77,9 @@ NODE_PORT_SLICE = "node-port-x8p2w"
 
 
 def kpgen_rules(lab: Lab, worker: str) -> str:
-    """kpgen's rules on a worker as the kernel lists them: its nft table and its iptables
+    """kpgen's rules on a worker as the kernel lists them: its nft tables and its iptables
     lines; empty when it has none."""
-    nft = lab.exec_in(worker, ["nft", "list", "table", "ip", "kpgen"])
+    nft = lab.exec_in(worker, ["nft", "list", "ruleset", "ip"])  # only kpgen's tables there
     saved = lab.exec_in(worker, ["iptables-save"]).stdout
     ours = [line for line in saved.splitlines() if "KPGEN-" in line]
     return (nft.stdout if nft.returncode == 0 else "") + "\n".join(ours)

@@ -304,9 +304,9 @@ def lab_cluster(mode: str, logs: Path, letter: str, **server_options: Any) -> It
 
 
 def kpgen_rules(lab: Lab, worker: str) -> str:
-    """kpgen's rules on a worker as the kernel lists them: its nft table and its iptables
+    """kpgen's rules on a worker as the kernel lists them: its nft tables and its iptables
     lines (both variants); empty when it has none."""
-    nft = lab.exec_in(worker, ["nft", "list", "table", "ip", "kpgen"])
+    nft = lab.exec_in(worker, ["nft", "list", "ruleset", "ip"])  # only kpgen's tables there
     ours = []
     for save in ("iptables-nft-save", "iptables-legacy-save"):
         saved = lab.exec_in(worker, [save]).stdout

@@ -14,6 +14,7 @@ import pytest
 from faultkit import NODE_PORT, WORKER, Cluster, Kpgen, lab_cluster, wait_until
 from traffic import curl
 
+from kpgen.core.names import nft_shard, nft_shard_table
 from kpgen.lab.lab import MODES
 from kpgen.render.text import IPTABLES_JUMPS
 
@@ -87,12 +88,13 @@ def test_a_deleted_table_or_chains_are_loaded_again(cluster: Cluster, kpgen: Kpg
 
 def test_a_flushed_service_chain_is_loaded_again(cluster: Cluster, kpgen: Kpgen) -> None:
     if cluster.mode == "nftables":
+        table = nft_shard_table(nft_shard("default/node-port"))
         chains = re.findall(
             r"chain (service-default/node-port/\S+) \{",
-            in_worker(cluster, "nft", "list table ip kpgen"),
+            in_worker(cluster, "nft", f"list table ip {table}"),
         )
         assert chains
-        flush = lambda: in_worker(cluster, "nft", f"flush chain ip kpgen {chains[0]}")  # noqa: E731
+        flush = lambda: in_worker(cluster, "nft", f"flush chain ip {table} {chains[0]}")  # noqa: E731
         through_drift(cluster, kpgen, flush)
     else:
         saved = in_worker(cluster, "iptables-nft-save", "-t", "nat")

@@ -179,9 +179,9 @@ def canary2_objects() -> list[dict[str, object]]:
     return service_like_node_port("canary2", CANARY2_PORT, "10.101.179.203")
 
 
-def canary2_chains(cluster: Cluster) -> list[str]:
-    """The nft chains kpgen renders for canary2 (rendered here, so that naming changes in the
-    templates do not break the test)."""
+def canary2_chains(cluster: Cluster) -> list[tuple[str, str]]:
+    """The nft chains kpgen renders for canary2, with their table (rendered here, so that
+    naming changes in the templates do not break the test)."""
     manifest = cluster.logs / "canary2.json"
     manifest.write_text(
         json.dumps({"apiVersion": "v1", "kind": "List", "items": canary2_objects()})
@@ -191,7 +191,10 @@ def canary2_chains(cluster: Cluster) -> list[str]:
          "--hostname-override", WORKER, "--cluster-cidr", "192.168.0.0/16"],
         capture_output=True, text=True, check=True, timeout=60,
     ).stdout  # fmt: skip
-    return re.findall(r"^\s*chain (\S*canary2\S*) \{", rendered, re.M)
+    found = []
+    for table, body in re.findall(r"^table ip (\S+) \{\n(.*?)^\}", rendered, re.M | re.S):
+        found += [(table, c) for c in re.findall(r"^\s*chain (\S*canary2\S*) \{", body, re.M)]
+    return found
 
 
 def test_a_transaction_the_kernel_refuses(cluster: Cluster, binding_kpgen: Kpgen) -> None:
@@ -201,8 +204,9 @@ def test_a_transaction_the_kernel_refuses(cluster: Cluster, binding_kpgen: Kpgen
         assert chains
 
         def inject() -> None:
-            for chain in chains:
-                in_worker(cluster, "nft", "add", "chain", "ip", "kpgen", chain,
+            for table, chain in chains:  # its shard table may not exist yet
+                in_worker(cluster, "nft", "add", "table", "ip", table)
+                in_worker(cluster, "nft", "add", "chain", "ip", table, chain,
                           "{ type filter hook input priority 0 ; policy accept ; }")  # fmt: skip
 
         def change() -> None:
@@ -210,8 +214,8 @@ def test_a_transaction_the_kernel_refuses(cluster: Cluster, binding_kpgen: Kpgen
                 server.create(obj)
 
         def heal() -> None:
-            for chain in chains:
-                in_worker(cluster, "nft", "delete", "chain", "ip", "kpgen", chain)
+            for table, chain in chains:
+                in_worker(cluster, "nft", "delete", "chain", "ip", table, chain)
 
         try:
             through_kernel_fault(

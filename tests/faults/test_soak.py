@@ -139,7 +139,7 @@ def test_soak_rss_descriptors_and_threads_stay_flat(namespace: str, tmp_path: Pa
 
         def caught_up() -> bool:
             listed = subprocess.run(
-                ["ip", "netns", "exec", namespace, "nft", "list", "table", "ip", "kpgen"],
+                ["ip", "netns", "exec", namespace, "nft", "list", "ruleset", "ip"],
                 capture_output=True, text=True, check=False,
             )  # fmt: skip
             return str(wanted) in listed.stdout
