@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from kpgen.core.names import NFT_TABLE, is_nft_table
 from kpgen.dataplane.run import DEVNULL, STDOUT, Completed, Started, ToolError, run, spawn, tool
 from kpgen.lab import podserver
 from kpgen.lab.state import STATE_ROOT, Process, State, StateDir, start_time
@@ -472,10 +473,15 @@ class Lab:
 
     def _rules_summary(self, worker: str) -> str:
         tables = self.exec_in(worker, ["nft", "list", "tables"]).stdout.split("\n")
-        found = [t.removeprefix("table ").strip() for t in tables if t.strip().endswith(" kpgen")]
+        names = [t.removeprefix("table ").strip().split() for t in tables if t.strip()]
+        ours = [(f, n) for f, n in (w for w in names if len(w) == 2) if is_nft_table(n)]
         saved = self.exec_in(worker, ["iptables-save"]).stdout
         chains = len(re.findall(r"^:KPGEN-", saved, re.M))
-        parts = [f"nft table {t}" for t in found]
+        parts = []
+        for family, name in ours:
+            if name == NFT_TABLE:
+                shards = sum(1 for f, n in ours if f == family and n != NFT_TABLE)
+                parts.append(f"nft table {family} {name} (+{shards} service port tables)")
         if chains:
             parts.append(f"{chains} iptables KPGEN- chains")
         return ", ".join(parts) or "none of kpgen's"

@@ -31,6 +31,7 @@ from typing import Any
 import netsock
 from apiserver import ApiServer
 
+from kpgen.core.names import is_nft_table
 from kpgen.inputs.manifests import load_documents
 from kpgen.lab.lab import SEED, Lab
 from kpgen.lab.podserver import POD_PYTHON
@@ -186,3 +187,16 @@ class KpgenRun:
                 os.killpg(self.process.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(10)
+
+
+def kpgen_rules(lab: Lab, worker: str) -> str:
+    """kpgen's rules on a worker as the kernel lists them: its nft tables (``kpgen`` and the
+    shard tables) and its iptables lines (both variants); empty when it has none."""
+    listed = lab.exec_in(worker, ["nft", "list", "tables"]).stdout.split()
+    tables = [(f, n) for f, n in zip(listed[1::3], listed[2::3], strict=True) if is_nft_table(n)]
+    nft = [lab.exec_in(worker, ["nft", "list", "table", f, n]).stdout for f, n in tables]
+    ours = []
+    for save in ("iptables-nft-save", "iptables-legacy-save"):
+        saved = lab.exec_in(worker, [save]).stdout
+        ours += [line for line in saved.splitlines() if "KPGEN-" in line]
+    return "".join(nft) + "\n".join(ours)

@@ -25,7 +25,7 @@ from typing import Any
 import labs
 import pytest
 from apiserver import ApiServer
-from lab_api import KpgenRun, master_api_server, node, seed_object, wait_until
+from lab_api import KpgenRun, kpgen_rules, master_api_server, node, seed_object, wait_until
 from traffic import BackgroundRequests, Tally, curl, requests
 
 from kpgen.lab.lab import MODES, WORKERS, Lab
@@ -74,15 +74,6 @@ NODE_PORT_SLICE = "node-port-x8p2w"
 
 
 # --- looking at the nodes ---------------------------------------------------------------------
-
-
-def kpgen_rules(lab: Lab, worker: str) -> str:
-    """kpgen's rules on a worker as the kernel lists them: its nft tables and its iptables
-    lines; empty when it has none."""
-    nft = lab.exec_in(worker, ["nft", "list", "ruleset", "ip"])  # only kpgen's tables there
-    saved = lab.exec_in(worker, ["iptables-save"]).stdout
-    ours = [line for line in saved.splitlines() if "KPGEN-" in line]
-    return (nft.stdout if nft.returncode == 0 else "") + "\n".join(ours)
 
 
 def has_node_port(rules: str) -> bool:

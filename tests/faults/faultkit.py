@@ -301,14 +301,3 @@ def lab_cluster(mode: str, logs: Path, letter: str, **server_options: Any) -> It
     leftovers = labs.namespaces(lab.prefix)
     assert not leftovers, f"lab down left namespaces behind: {leftovers}"
     assert errors == [], errors
-
-
-def kpgen_rules(lab: Lab, worker: str) -> str:
-    """kpgen's rules on a worker as the kernel lists them: its nft tables and its iptables
-    lines (both variants); empty when it has none."""
-    nft = lab.exec_in(worker, ["nft", "list", "ruleset", "ip"])  # only kpgen's tables there
-    ours = []
-    for save in ("iptables-nft-save", "iptables-legacy-save"):
-        saved = lab.exec_in(worker, [save]).stdout
-        ours += [line for line in saved.splitlines() if "KPGEN-" in line]
-    return (nft.stdout if nft.returncode == 0 else "") + "\n".join(ours)
