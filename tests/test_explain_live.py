@@ -37,6 +37,7 @@ from test_explain import (
 
 from kpgen.cli.main import main
 from kpgen.core.model import IPFamily
+from kpgen.core.names import nft_shard, nft_shard_table
 from kpgen.core.node import SETTING_NAMES, NodeFlags
 from kpgen.core.plan import build_plans
 from kpgen.explain import answers as ex
@@ -192,7 +193,8 @@ def test_a_construct_the_json_reader_does_not_know_is_reported_not_guessed() -> 
     with kernel.netns() as namespace:
         apply = [sys.executable, "-m", "kpgen", "apply", "-f", str(case.input)]
         _in(namespace, *apply, *_node_args(case.flags))
-        _in(namespace, "nft", "insert", "rule", "ip", "kpgen", chain, 'log prefix "kpgen "')
+        table = nft_shard_table(nft_shard("default/node-port"))
+        _in(namespace, "nft", "insert", "rule", "ip", table, chain, 'log prefix "kpgen "')
         ruleset = _read_back(namespace, "nftables", IPFamily.V4)
     (unknown,) = [r for c in ruleset.chains.values() for r in c.rules if r.error]
     assert unknown.text == '{"log":{"prefix":"kpgen "}}'  # shown as nft printed it

@@ -112,6 +112,7 @@ class NodeRules:
         before_all: list[FamilyPlan] = []
         after_all: list[FamilyPlan] = []
         script = []
+        cached = False  # whether the transaction makes libnftables copy the kernel's tables
         self.health_checks_changed = False
         for family, ports in self.ports.items():
             keys_of = self._keys_of[family]
@@ -155,8 +156,9 @@ class NodeRules:
                         shares[key] = None
                     else:
                         shares[key] = pieces[key] = render_nft_port(renderer, wanted)
-                text, _ = self._loaded[family].change(shares)
+                text, costly = self._loaded[family].change(shares)
                 script.append(text)
+                cached |= costly
         self._changed = (before_all, after_all)
         if not self.nft:
             plans = self.plans()
@@ -171,14 +173,14 @@ class NodeRules:
             return written
         text = "".join(script)
         if text:
-            loader.change_nft(text)
+            loader.change_nft(text, cached=cached)
         return text.count("\n")
 
     def delete_stale(self, loader: RuleLoader) -> int:
         """Delete the elements whose deletion waited (nftables); returns the lines written."""
         script = "".join(loaded.delete_stale() for loaded in self._loaded.values())
         if script:
-            loader.change_nft(script)
+            loader.change_nft(script, cached=True)
         return script.count("\n")
 
     def changed_ports(self) -> tuple[Sequence[FamilyPlan] | None, Sequence[FamilyPlan]]:

@@ -111,7 +111,8 @@ def test_a_removed_jump_from_a_built_in_chain_is_added_again(
     cluster: Cluster, kpgen: Kpgen
 ) -> None:
     if cluster.mode == "nftables":
-        hook = "flush chain ip kpgen nat-prerouting"  # kpgen's base chain, emptied
+        table = nft_shard_table(nft_shard("default/node-port"))
+        hook = f"flush chain ip {table} nat-prerouting"  # a base chain of kpgen's, emptied
         through_drift(cluster, kpgen, lambda: in_worker(cluster, "nft", hook))
         return
     jump = next(j for j in IPTABLES_JUMPS if j.table == "nat" and j.chain == "PREROUTING")
