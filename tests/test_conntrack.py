@@ -419,7 +419,7 @@ class Loader:
     def load_nft(self, plans: Any, tables: Any) -> None:
         self.full(plans)
 
-    def change_nft(self, script: str) -> None:
+    def change_nft(self, script: str, *, cached: bool = False) -> None:
         self.partial(script)
 
     def changed_since_written(self) -> None:

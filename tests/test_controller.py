@@ -87,7 +87,7 @@ class RecordingLoader:
     def load_nft(self, plans: Any, tables: Any) -> None:
         self.full(plans)
 
-    def change_nft(self, script: str) -> None:
+    def change_nft(self, script: str, *, cached: bool = False) -> None:
         self._record("partial", script)
 
     moved: Any = None  # what changed_since_written answers: None, nobody else wrote

@@ -671,7 +671,8 @@ NODE_RULES_SCRIPT = textwrap.dedent(
 
     rules, loader = NodeRules(node), RuleLoader(node.mode, "nft")
     a, b = keyed(job["a"]), keyed(job["b"])
-    rules.rebuild(a)
+    rules.update(a)
+    rules.rebuild()
     rules.load(loader)
     before = listing()
     changes = rules.update({k: b.get(k) for k in a.keys() | b.keys() if a.get(k) != b.get(k)})

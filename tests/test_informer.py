@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -125,10 +126,20 @@ def expected(server: ApiServer, node_name: str = NODE_NAME) -> dict[Key, Obj]:
     return wanted
 
 
+_MIRRORS: weakref.WeakKeyDictionary[Store, dict[Key, Obj]] = weakref.WeakKeyDictionary()
+
+
 def held(store: Store) -> dict[Key, Obj]:
-    """Everything in the store now (this takes its pending changes)."""
-    store.take()
-    return store.objects()
+    """Everything the store knows now, as the objects it has handed out: its changes, taken
+    here (only here), applied in turn to a copy (the store itself keeps digests)."""
+    mirror = _MIRRORS.setdefault(store, {})
+    for key, obj in store.take().changed.items():
+        if obj is None:
+            mirror.pop(key, None)
+        else:
+            mirror[key] = obj
+    assert len(mirror) == store.count()
+    return dict(mirror)
 
 
 def wait_until(what: str, condition: Callable[[], bool], timeout: float = GUARD) -> float:

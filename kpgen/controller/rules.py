@@ -13,7 +13,6 @@ from typing import Any
 from kpgen.core.index import Changes, ClusterIndex, DocKey
 from kpgen.core.model import IPFamily, ObjectRef
 from kpgen.core.node import NodeConfig, ProxyMode
-from kpgen.core.parse import Problem
 from kpgen.core.plan import FamilyPlan, PortPlan, family_plan
 from kpgen.dataplane.apply import RuleLoader
 from kpgen.render.delta import NftLoaded
@@ -52,11 +51,8 @@ class NodeRules:
     def update(self, changed: Mapping[DocKey, Any | None]) -> Changes:
         return self.index.update(changed)
 
-    def rebuild(self, objects: Mapping[DocKey, Any]) -> list[Problem]:
-        """Everything planned (and rendered) again from every object; returns the objects'
-        problems."""
-        self.index = ClusterIndex(self.node)
-        self.index.update(objects)
+    def rebuild(self) -> None:
+        """Everything planned (and rendered) again from the index."""
         families = self.index.families
         self.ports = {f: {p.key: p for p in self.index.all_port_plans(f)} for f in families}
         self._keys_of = {f: {} for f in families}
@@ -77,7 +73,6 @@ class NodeRules:
                 f: {k: render_ipt_port(self._renderers[f], p) for k, p in ports.items()}
                 for f, ports in self.ports.items()
             }
-        return self.index.problems()
 
     def plans(self) -> list[FamilyPlan]:
         node = self.index.node_object

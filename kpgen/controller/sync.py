@@ -57,20 +57,18 @@ class Controller:
         last one); raises an error (ApplyError when the kernel refused) with the previous
         rules in place."""
         started = time.monotonic()
-        changes = None if self.need_full else self.rules.update(snapshot.changed)
-        rebuild = changes is None or changes.node_wide
-        for problem in changes.problems if changes else ():
+        changes = self.rules.update(snapshot.changed)
+        rebuild = self.need_full or changes.node_wide
+        for problem in changes.problems:
             log.warning("%s", problem)
         kind = "partial"
         written: int | None = 0
         try:
             if rebuild:
                 kind, written = "full", None
-                for problem in self.rules.rebuild(self.store.objects()):
-                    log.warning("%s", problem)
+                self.rules.rebuild()
                 self.rules.load(self.loader)
             else:
-                assert changes is not None
                 written = self.rules.change(changes.services, self.loader)
             if started - self.last_full >= self.timing.sync_period and not rebuild:
                 kind = "full"  # the periodic full sync: verify, and write only if needed

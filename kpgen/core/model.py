@@ -88,7 +88,7 @@ class SessionAffinity(enum.Enum):
 DEFAULT_AFFINITY_TIMEOUT = 10800
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class ObjectRef:
     """namespace/name of an API object."""
 
@@ -99,7 +99,7 @@ class ObjectRef:
         return f"{self.namespace}/{self.name}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ServicePort:
     """One entry of ``spec.ports``. ``name`` is "" for a service's single unnamed port."""
 
@@ -109,7 +109,7 @@ class ServicePort:
     node_port: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Service:
     """A Service that kube-proxy would program (headless and ExternalName never get here)."""
 
@@ -133,7 +133,7 @@ class Service:
         return next((ip for ip in self.cluster_ips if IPFamily.of(ip) is family), None)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EndpointConditions:
     """``conditions`` of an endpoint; ``None`` means the field was absent."""
 
@@ -156,7 +156,7 @@ class EndpointConditions:
         return self.terminating is True
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Endpoint:
     """One entry of an EndpointSlice's ``endpoints``. kube-proxy uses ``addresses[0]`` only."""
 
@@ -168,7 +168,7 @@ class Endpoint:
     hints_for_nodes: tuple[str, ...] | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EndpointPort:
     """One entry of an EndpointSlice's ``ports``: the resolved target port of a service port."""
 
@@ -177,7 +177,7 @@ class EndpointPort:
     port: int | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EndpointSlice:
     ref: ObjectRef
     service: ObjectRef
@@ -186,7 +186,7 @@ class EndpointSlice:
     endpoints: tuple[Endpoint, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Node:
     """What a proxy reads of a Node: its zone label and its addresses."""
 
@@ -200,7 +200,7 @@ class Node:
         return ObjectRef("", self.name)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ClusterState:
     """Everything a proxy knows about the cluster: valid services, slices and nodes, sorted."""
 

@@ -13,7 +13,6 @@ import ipaddress
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import cached_property
 
 from kpgen.core.model import (
     ClusterState,
@@ -32,7 +31,7 @@ from kpgen.core.model import (
 from kpgen.core.node import LocalInterface, NodeConfig
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class Backend:
     """An endpoint of one service port: where DNAT sends a connection."""
 
@@ -42,7 +41,7 @@ class Backend:
     is_local: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PortPlan:
     """One service port on this node: its addresses and the endpoints behind them.
 
@@ -74,7 +73,7 @@ class PortPlan:
         """kube-proxy's ServicePortName: ``namespace/name:port-name``."""
         return f"{self.service}:{self.port.name}" if self.port.name else str(self.service)
 
-    @cached_property
+    @property
     def external_addresses(self) -> tuple[IPAddress, ...]:
         """externalIPs and load-balancer IPs: both are external destinations. An address that
         is also the ClusterIP stays a ClusterIP (one address, protocol and port: one rule)."""
@@ -82,7 +81,7 @@ class PortPlan:
         addresses.pop(self.cluster_ip, None)
         return tuple(addresses)
 
-    @cached_property
+    @property
     def firewalled_addresses(self) -> tuple[IPAddress, ...]:
         """LB IPs that only ``loadBalancerSourceRanges`` may reach (NodePorts are not
         restricted, nor are externalIPs)."""
@@ -94,7 +93,7 @@ class PortPlan:
     def has_external(self) -> bool:
         return self.port.node_port is not None or bool(self.external_addresses)
 
-    @cached_property
+    @property
     def endpoints(self) -> tuple[Backend, ...]:
         """Every endpoint some traffic may reach."""
         return tuple(sorted({*self.cluster_endpoints, *self.local_endpoints}))
@@ -120,7 +119,7 @@ class PortPlan:
         return self.external_local and not self.local_endpoints
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FamilyPlan:
     """Everything the rules of one IP family on one node are made from."""
 
@@ -158,7 +157,7 @@ class FamilyPlan:
         return tuple(sorted({b.address for p in self.ports for b in p.endpoints}))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Candidate:
     endpoint: Endpoint
     backend: Backend

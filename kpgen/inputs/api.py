@@ -8,6 +8,8 @@ the official ``kubernetes`` client, or the files of a directory.
 from __future__ import annotations
 
 import calendar
+import hashlib
+import json
 import logging
 import os
 import random
@@ -87,13 +89,21 @@ class Snapshot:
     first_change: float | None = None  # wall time of the oldest change in it
 
 
+def digest(obj: dict[str, Any]) -> bytes:
+    """What the store keeps of an object: 16 bytes that differ when it does (BLAKE2b of its
+    canonical JSON). The objects themselves live on parsed in kpgen.core.index."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
+
+
 class Store:
-    """The last known objects of each kind, thread-safe, with what changed since the last
-    :meth:`take`. ``on_change`` is called (outside the lock) after every change."""
+    """What is known of each kind's objects (a digest of each, by namespace and name),
+    thread-safe, with what changed since the last :meth:`take`: the objects themselves.
+    ``on_change`` is called (outside the lock) after every change."""
 
     def __init__(self, kinds: Iterable[str], on_change: Callable[[], None] = lambda: None):
         self._cond = threading.Condition()
-        self._objects: dict[str, dict[tuple[str, str], dict[str, Any]]] = {k: {} for k in kinds}
+        self._digests: dict[str, dict[tuple[str, str], bytes]] = {k: {} for k in kinds}
         self._synced: set[str] = set()
         self._on_change = on_change
         self._changes = Snapshot()
@@ -124,12 +134,13 @@ class Store:
     def replace(self, kind: str, objects: list[dict[str, Any]]) -> None:
         """The complete list of ``kind`` (after a list): differences count as changes."""
         fresh = {_key(o): typed(kind, o) for o in objects}
+        digests = {key: digest(obj) for key, obj in fresh.items()}
         with self._cond:
-            old = self._objects[kind]
+            old = self._digests[kind]
             for key in old.keys() | fresh.keys():
-                if old.get(key) != fresh.get(key):
-                    self._note(kind, key, fresh.get(key) or old.get(key), deleted=key not in fresh)
-            self._objects[kind] = fresh
+                if old.get(key) != digests.get(key):
+                    self._note(kind, key, fresh.get(key), deleted=key not in fresh)
+            self._digests[kind] = digests
             notify = kind not in self._synced or self._changes.first_change is not None
             self._synced.add(kind)
             self._cond.notify_all()
@@ -139,24 +150,25 @@ class Store:
     def apply(self, kind: str, event: str, obj: dict[str, Any]) -> None:
         """One watch event (ADDED, MODIFIED, DELETED)."""
         key = _key(obj)
+        entry = typed(kind, obj) if event != "DELETED" else None
         with self._cond:
-            objects = self._objects[kind]
-            if event == "DELETED":
-                if objects.pop(key, None) is None:
+            digests = self._digests[kind]
+            if entry is None:
+                if digests.pop(key, None) is None:
                     return
             else:
-                entry = typed(kind, obj)
-                if objects.get(key) == entry:
+                new = digest(entry)
+                if digests.get(key) == new:
                     return
-                objects[key] = entry
-            self._note(kind, key, objects.get(key), deleted=event == "DELETED")
+                digests[key] = new
+            self._note(kind, key, entry, deleted=entry is None)
             self._cond.notify_all()
         self._on_change()
 
     @property
     def synced(self) -> bool:
         with self._cond:
-            return self._synced == set(self._objects)
+            return self._synced == set(self._digests)
 
     def pending(self) -> bool:
         with self._cond:
@@ -181,13 +193,13 @@ class Store:
         with self._cond:
             self._cond.notify_all()
 
-    def objects(self) -> dict[tuple[str, str, str], dict[str, Any]]:
-        """Every object now, by (kind, namespace, name)."""
+    def count(self) -> int:
+        """How many objects are known, of every kind."""
         with self._cond:
-            return {(k, *key): o for k, objs in self._objects.items() for key, o in objs.items()}
+            return sum(len(digests) for digests in self._digests.values())
 
     def take(self) -> Snapshot:
-        """The changes since the last take (the objects themselves: :meth:`objects`)."""
+        """The changes since the last take: each changed object whole (None: deleted)."""
         with self._cond:
             changes, self._changes = self._changes, Snapshot()
         return changes

@@ -179,6 +179,7 @@ NFT_CONTAINERS = (
 )
 NFT_SHARED = frozenset({"cluster-ips", "hairpin-endpoints"})
 NFT_SHARD_CONTAINERS = frozenset({"service-ips", "service-nodeports"})
+_CONTAINER_NAMES = {name: name for name in NFT_CONTAINERS}
 
 
 def _element_address(element: str) -> IPAddress:
@@ -194,7 +195,10 @@ def nft_port_renderer(plan: FamilyPlan) -> Any:
 def render_nft_port(renderer: Any, port: PortPlan) -> NftPort:
     """One service port's share of the tables, through ``renderer`` (:func:`nft_port_renderer`)."""
     lines = str(renderer.elements(port)).splitlines()
-    pairs = tuple((line[: line.index(" ")], line[line.index(" ") + 1 :]) for line in lines)
+    # the container names are the constants (one string each, not one per element)
+    pairs = tuple(
+        (_CONTAINER_NAMES[line[: line.index(" ")]], line[line.index(" ") + 1 :]) for line in lines
+    )
     return NftPort(pairs, str(renderer.objects(port)), names.nft_shard(str(port.service)))
 
 

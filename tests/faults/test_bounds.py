@@ -84,7 +84,7 @@ def test_lists_are_paginated_with_limit_and_continue(tmp_path: Path) -> None:
             assert [r.query.get("limit") for r in pages] == [str(LIST_PAGE)] * 3
             assert "continue" not in pages[0].query
             assert all(r.query.get("continue") for r in pages[1:])
-            assert len(store.objects()) == count
+            assert store.count() == count
         finally:
             stop.set()
             deadline = time.monotonic() + 10
