@@ -36,6 +36,7 @@ from lab_api import (  # noqa: E402
     API_PORT,
     MASTER,
     KpgenRun,
+    kpgen_rules,  # noqa: F401  (the fault tests' way to it)
     listen_in,
     node,
     seed_object,
