@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -52,8 +53,13 @@ def parse_ip(text: Any) -> IPAddress:
     """An IPv4 or IPv6 address, written as kube-proxy accepts it (no zone, no prefix)."""
     if not isinstance(text, str):
         raise ValueError(f"{show(text)} is not an IP address")
+    text = text.strip()
+    try:  # the common case first: inet_pton reads IPv4 as ipaddress does (no leading zeros)
+        return ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, text))
+    except (OSError, ValueError):
+        pass
     try:
-        address = ipaddress.ip_address(text.strip())
+        address = ipaddress.ip_address(text)
     except ValueError:
         raise ValueError(f"{show(text)} is not an IP address") from None
     if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
@@ -84,18 +90,27 @@ def parse_port(value: Any, low: int = 1) -> int:
 
 
 class Field:
-    """One value of a decoded manifest and the path it was found at."""
+    """One value of a decoded manifest and the path it was found at (spelled out only for a
+    message: a field keeps its parent and its key)."""
 
-    __slots__ = ("path", "value")
+    __slots__ = ("_key", "_parent", "value")
 
-    def __init__(self, value: Any, path: str = "") -> None:
+    def __init__(self, value: Any, path: str | int = "", parent: Field | None = None) -> None:
         self.value = value
-        self.path = path
+        self._parent = parent
+        self._key: str | int = path
+
+    @property
+    def path(self) -> str:
+        if self._parent is None:
+            return str(self._key)
+        return self._parent._child_path(self._key)
 
     def _child_path(self, key: str | int) -> str:
+        path = self.path
         if isinstance(key, int):
-            return f"{self.path}[{key}]"
-        return f"{self.path}.{key}" if self.path else key
+            return f"{path}[{key}]"
+        return f"{path}.{key}" if path else key
 
     def invalid(self, problem: str) -> Invalid:
         return Invalid(self.path or "(document)", problem)
@@ -107,8 +122,11 @@ class Field:
 
     def get(self, key: str) -> Field | None:
         """The field ``key`` of this mapping, or None when it is absent or null."""
-        value = self.mapping().get(key)
-        return None if value is None else Field(value, self._child_path(key))
+        mapping = self.value
+        if not isinstance(mapping, dict):
+            raise self.invalid(f"must be a mapping, not {type(mapping).__name__}")
+        value = mapping.get(key)
+        return None if value is None else Field(value, key, self)
 
     def __getitem__(self, key: str) -> Field:
         field = self.get(key)
@@ -120,7 +138,7 @@ class Field:
         """The entries of this list."""
         if not isinstance(self.value, list):
             raise self.invalid(f"must be a list, not {type(self.value).__name__}")
-        return (Field(v, self._child_path(i)) for i, v in enumerate(self.value))
+        return (Field(v, i, self) for i, v in enumerate(self.value))
 
     def string(self) -> str:
         if not isinstance(self.value, str):

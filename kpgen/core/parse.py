@@ -8,6 +8,7 @@ services, FQDN slices) are left out as :class:`Skipped`, which is not an error.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -256,13 +257,17 @@ def parse_service(doc: Field) -> Service:
 def _conditions(entry: Field) -> EndpointConditions:
     conditions = entry.get("conditions")
     if conditions is None:
-        return EndpointConditions()
+        return _CONDITIONS(None, None, None)
 
     def flag(key: str) -> bool | None:
         value = conditions.get(key)
         return value.boolean() if value else None
 
-    return EndpointConditions(flag("ready"), flag("serving"), flag("terminating"))
+    return _CONDITIONS(flag("ready"), flag("serving"), flag("terminating"))
+
+
+# one object for each of the few combinations: 100,000 endpoints share them
+_CONDITIONS = functools.cache(EndpointConditions)
 
 
 def _hints(entry: Field, key: str) -> tuple[str, ...] | None:
