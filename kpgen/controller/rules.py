@@ -51,6 +51,10 @@ class NodeRules:
     def update(self, changed: Mapping[DocKey, Any | None]) -> Changes:
         return self.index.update(changed)
 
+    def take(self, changed: dict[DocKey, Any | None]) -> Changes:
+        """As :meth:`update`, emptying ``changed`` (:meth:`ClusterIndex.take`)."""
+        return self.index.take(changed)
+
     def rebuild(self) -> None:
         """Everything planned (and rendered) again from the index."""
         families = self.index.families

@@ -57,7 +57,7 @@ class Controller:
         last one); raises an error (ApplyError when the kernel refused) with the previous
         rules in place."""
         started = time.monotonic()
-        changes = self.rules.update(snapshot.changed)
+        changes = self.rules.take(snapshot.changed)  # the snapshot's objects go as parsed
         rebuild = self.need_full or changes.node_wide
         for problem in changes.problems:
             log.warning("%s", problem)

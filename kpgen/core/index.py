@@ -63,12 +63,20 @@ class ClusterIndex:
 
     def update(self, changes: Mapping[DocKey, Any | None]) -> Changes:
         """Take the new version of each changed document (None: deleted)."""
+        return self.take(dict(changes))
+
+    def take(self, changes: dict[DocKey, Any | None]) -> Changes:
+        """As :meth:`update`, emptying ``changes``: each document is dropped once parsed, so
+        that the decoded objects of a first list are never all alive beside their parsed
+        form (at 10,000 services the process kept 45 MB more, in the holes they left)."""
         result = Changes()
         families = self.families
         touched: set[ObjectRef] = set()  # services whose own object changed
-        for key, doc in changes.items():
+        for key in list(changes):
+            doc = changes.pop(key)
             old = self._outcomes.pop(key, None)
             new = parse_object(doc) if doc is not None else None
+            del doc
             if new is not None:
                 self._outcomes[key] = new
                 if isinstance(new, Problem):
