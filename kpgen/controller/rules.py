@@ -182,7 +182,9 @@ class NodeRules:
             loader.change_nft(script, cached=True)
         return script.count("\n")
 
-    def changed_ports(self) -> tuple[Sequence[FamilyPlan] | None, Sequence[FamilyPlan]]:
+    def take_changed_ports(self) -> tuple[Sequence[FamilyPlan] | None, Sequence[FamilyPlan]]:
         """The plans of the ports the last sync changed, before and after (after a full load:
-        all of them, and those of the full load before; None at the first)."""
-        return self._changed
+        all of them, and those of the full load before; None at the first), once: they are
+        let go (after a full load, the old ones would otherwise stay alive beside the new)."""
+        changed, self._changed = self._changed, (None, [])
+        return changed

@@ -145,7 +145,7 @@ class Controller:
         """After a successful sync: the UDP conntrack entries it made stale
         (kpgen.dataplane.conntrack), from the service ports it changed. A failure is logged;
         the sync stays a success."""
-        previous, current = self.rules.changed_ports()
+        previous, current = self.rules.take_changed_ports()
         if self.delete_flows is None:
             return
         try:

@@ -9,6 +9,7 @@ services, FQDN slices) are left out as :class:`Skipped`, which is not an error.
 from __future__ import annotations
 
 import functools
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -99,7 +100,7 @@ def _ref(meta: Field, kind: str) -> ObjectRef:
     else:
         name = meta["name"].name(DNS1123_SUBDOMAIN, SUBDOMAIN_MAX)
     namespace = meta.get("namespace")
-    return ObjectRef(namespace.name() if namespace else "default", name)
+    return ObjectRef(sys.intern(namespace.name()) if namespace else "default", name)
 
 
 def _labels(meta: Field) -> Mapping[str, Any]:
@@ -123,7 +124,7 @@ def _port_name(entry: Field) -> str:
     """The name of a Service's or an EndpointSlice's port: "" for the unnamed port, whether
     the name is absent, null or "" (the EndpointSlice controller writes ``name: ""``)."""
     name = entry.get("name")
-    return name.name() if name is not None and name.value != "" else ""
+    return sys.intern(name.name()) if name is not None and name.value != "" else ""
 
 
 # --- Services ---------------------------------------------------------------------------
@@ -303,8 +304,9 @@ def _endpoint(entry: Field, family: IPFamily, beta: bool) -> Endpoint:
     return Endpoint(
         address=address,
         conditions=_conditions(entry),
-        node_name=node.name(DNS1123_SUBDOMAIN, SUBDOMAIN_MAX) if node else None,
-        zone=zone.string() if zone else None,
+        # interned: thousands of endpoints name the same few nodes and zones
+        node_name=sys.intern(node.name(DNS1123_SUBDOMAIN, SUBDOMAIN_MAX)) if node else None,
+        zone=sys.intern(zone.string()) if zone else None,
         hints_for_zones=_hints(entry, "forZones"),
         hints_for_nodes=_hints(entry, "forNodes"),
     )
