@@ -24,7 +24,7 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     *inputs, output = sys.argv[1:]
-    figure, axes = plt.subplots(figsize=(7, 4.2))
+    figure, axes = plt.subplots(figsize=(7, 5.6))
     for name in inputs:
         results = json.loads(Path(name).read_text())
         sizes = [r["services"] for r in results]
@@ -45,7 +45,7 @@ def main() -> None:
     axes.set_ylabel("API event to change applied, median (ms)")
     axes.set_title("kpgen run, nftables: one EndpointSlice change")
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend(fontsize=8)
+    axes.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16))
     figure.tight_layout()
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(output, dpi=110)
