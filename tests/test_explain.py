@@ -23,7 +23,7 @@ from typing import Any
 import kernel
 import pytest
 from click.testing import CliRunner
-from golden.cases import CASES, SEED
+from golden.cases import CASES, SEED, golden_path
 
 from kpgen.cli.main import main
 from kpgen.core.model import ClusterState, IPAddress, IPFamily
@@ -976,6 +976,21 @@ def test_status_without_kpgen_says_so_and_fails() -> None:
     assert state["problems"] == ["no kpgen rules are loaded in this network namespace"]
     health = state["health"]
     assert isinstance(health, dict) and health["reachable"] is False
+
+
+def test_shard_tables_are_read_as_one_table_and_a_copy_that_differs_is_named() -> None:
+    rendered = golden_path("seed", "nftables").read_text()
+    assert rendered.count("\n\tchain services {") > 1  # several shard tables, one each
+    ruleset = parse_nft(rendered)
+    assert ruleset.notes == []
+    # the dispatch maps of every shard are one map: each of its keys leads to its chain
+    dispatched = {e.verdict.target for e in ruleset.sets["service-ips"].elements if e.verdict}
+    chains = {c.name for c in ruleset.chains.values()}
+    assert len(dispatched) > 1 and dispatched <= chains
+    assert [c.name for c in ruleset.chains.values()].count("services") == 1
+    last = rendered.rindex("\tchain services {\n") + len("\tchain services {\n")
+    tampered = rendered[:last] + "\t\tdrop\n" + rendered[last:]
+    assert parse_nft(tampered).notes == ["chain services differs between kpgen's tables"]
 
 
 def test_nft_parser_reads_every_golden_file_the_way_the_renderer_wrote_it() -> None:
