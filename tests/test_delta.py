@@ -14,6 +14,7 @@ import json
 import re
 import sys
 import textwrap
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -122,24 +123,32 @@ def shares(
     return plan, {p.key: render_nft_port(renderer, p) for p in plan.ports}, renderer
 
 
+# the ports' shares each NftLoaded of these tests stands for (it keeps counts, not shares)
+SHARES: weakref.WeakKeyDictionary[NftLoaded, dict[str, NftPort]] = weakref.WeakKeyDictionary()
+
+
 def loaded_of(documents: list[dict[str, Any]], flags: NodeFlags = NODE) -> NftLoaded:
     """What a full load of ``documents`` leaves loaded."""
     plan, pieces, renderer = shares(documents, flags)
     referenced = ("cluster-cidrs",) if plan.cluster_cidrs else ()
-    return NftLoaded.of("ip", renderer, pieces, referenced)
+    loaded = NftLoaded.of("ip", renderer, pieces.values(), referenced)
+    SHARES[loaded] = pieces
+    return loaded
 
 
 def change_to(
     loaded: NftLoaded, documents: list[dict[str, Any]], flags: NodeFlags = NODE
 ) -> tuple[str, bool]:
     """The transaction from ``loaded`` to the ports of ``documents``, as the controller makes
-    it: only the ports whose share differs."""
+    it: only the ports whose share differs, each with its old share."""
     _, new, _ = shares(documents, flags)
+    old = SHARES[loaded]
     changed = {
-        key: new.get(key)
-        for key in loaded.ports.keys() | new.keys()
-        if loaded.ports.get(key) != new.get(key)
+        key: (old.get(key), new.get(key))
+        for key in old.keys() | new.keys()
+        if old.get(key) != new.get(key)
     }
+    SHARES[loaded] = new
     return loaded.change(changed)
 
 

@@ -36,7 +36,6 @@ class NodeRules:
         self.ports: dict[IPFamily, dict[str, PortPlan]] = {}
         self._keys_of: dict[IPFamily, dict[ObjectRef, tuple[str, ...]]] = {}
         self._renderers: dict[IPFamily, Any] = {}
-        self._pieces: dict[IPFamily, dict[str, NftPort]] = {}
         self._ipt_pieces: dict[IPFamily, dict[str, IptPort]] = {}
         self._loaded: dict[IPFamily, NftLoaded] = {}
         # the ports the last sync changed (before, after), for stale UDP conntrack entries
@@ -65,12 +64,8 @@ class NodeRules:
             for port in ports.values():
                 keys[port.service] = (*keys.get(port.service, ()), port.key)
         header = {f: family_plan(self.node, f, (), self.index.node_object) for f in families}
-        if self.nft:
+        if self.nft:  # the ports' shares are rendered when loaded (and kept as counts only)
             self._renderers = {f: nft_port_renderer(header[f]) for f in families}
-            self._pieces = {
-                f: {k: render_nft_port(self._renderers[f], p) for k, p in ports.items()}
-                for f, ports in self.ports.items()
-            }
         else:
             self._renderers = {f: ipt_port_renderer(header[f]) for f in families}
             self._ipt_pieces = {
@@ -86,20 +81,18 @@ class NodeRules:
         """Load everything whole."""
         plans = self.plans()
         if self.nft:
-            tables = {}
+            tables, loaded = {}, {}
             for plan in plans:
-                pieces = self._pieces[plan.family]
-                tables[plan.family] = render_nft_table(plan, [pieces[p.key] for p in plan.ports])
-            loader.load_nft(plans, tables)
-            self._loaded = {
-                plan.family: NftLoaded.of(
-                    plan.family.nft_family,
-                    self._renderers[plan.family],
-                    self._pieces[plan.family],
-                    ("cluster-cidrs",) if plan.cluster_cidrs else (),
+                renderer = self._renderers[plan.family]
+                pieces = [render_nft_port(renderer, port) for port in plan.ports]
+                tables[plan.family] = render_nft_table(plan, pieces)
+                referenced = ("cluster-cidrs",) if plan.cluster_cidrs else ()
+                loaded[plan.family] = NftLoaded.of(
+                    plan.family.nft_family, renderer, pieces, referenced
                 )
-                for plan in plans
-            }
+            del pieces
+            loader.load_nft(plans, tables)
+            self._loaded = loaded
         else:
             loader.full(plans)
         self._changed = (self._last_loaded, plans)
@@ -147,14 +140,15 @@ class NodeRules:
                     else:
                         ipt_pieces[key] = render_ipt_port(renderer, wanted)
             if self.nft and after:
-                renderer, pieces = self._renderers[family], self._pieces[family]
-                shares: dict[str, NftPort | None] = {}
-                for key, wanted in after.items():
-                    if wanted is None:
-                        pieces.pop(key, None)
-                        shares[key] = None
-                    else:
-                        shares[key] = pieces[key] = render_nft_port(renderer, wanted)
+                # a port's share as loaded is its old plan rendered again: the same text
+                renderer = self._renderers[family]
+                shares: dict[str, tuple[NftPort | None, NftPort | None]] = {
+                    key: (
+                        render_nft_port(renderer, was) if (was := before[key]) else None,
+                        render_nft_port(renderer, wanted) if wanted else None,
+                    )
+                    for key, wanted in after.items()
+                }
                 text, costly = self._loaded[family].change(shares)
                 script.append(text)
                 cached |= costly

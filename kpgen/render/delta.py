@@ -66,15 +66,16 @@ def _elements(port: NftPort | None) -> Iterable[Element]:
     )
 
 
-@dataclass
+@dataclass(eq=False)
 class NftLoaded:
-    """kpgen's tables of one family as loaded: each service port's share (by port key), how
-    many ports need each element, elements still loaded that no port needs (deletions that
-    wait), and how many ports each shard table holds."""
+    """kpgen's tables of one family as loaded, as far as a change needs: how many ports need
+    each element that several may share (an endpoint's hairpin element, a ClusterIP),
+    elements still loaded that no port needs (deletions that wait), and how many ports each
+    shard table holds. The ports' shares themselves are not kept: a change gives each port's
+    old share and its new one (rendered again from the old plan)."""
 
     family: str  # "ip", "ip6"
     renderer: Any  # templates/nftables.port.j2's macros (kpgen.render.text.nft_port_renderer)
-    ports: dict[str, NftPort] = field(default_factory=dict)
     counts: Counter[Element] = field(default_factory=Counter)
     stale: set[Element] = field(default_factory=set)
     shards: Counter[int] = field(default_factory=Counter)
@@ -86,32 +87,32 @@ class NftLoaded:
         cls,
         family: str,
         renderer: Any,
-        ports: Mapping[str, NftPort],
+        ports: Iterable[NftPort],
         referenced_sets: tuple[str, ...],
     ) -> NftLoaded:
         """What a full load of ``ports`` leaves loaded."""
-        loaded = cls(family, renderer, dict(ports), referenced_sets=referenced_sets)
-        for port in ports.values():
-            loaded.counts.update(_elements(port))
+        loaded = cls(family, renderer, referenced_sets=referenced_sets)
+        for port in ports:
+            loaded.counts.update(e for e in _elements(port) if e[1] in NFT_SHARED)
             loaded.shards[port.shard] += port.in_shard
         return loaded
 
-    def change(self, changed: Mapping[str, NftPort | None]) -> tuple[str, bool]:
+    def change(
+        self, changed: Mapping[str, tuple[NftPort | None, NftPort | None]]
+    ) -> tuple[str, bool]:
         """The transaction that puts the ``changed`` ports' new shares in place of their old
-        ones (None: the port is gone), and whether it needs libnftables' copy of the tables
-        (deletions); this object then describes the tables as they will be once the
-        transaction is committed (on a failure, the caller loads everything again). A shard
-        table is created with its first port and deleted with its last."""
+        ones (``key: (old, new)``; None: the port is not there), and whether it needs
+        libnftables' copy of the tables (deletions); this object then describes the tables
+        as they will be once the transaction is committed (on a failure, the caller loads
+        everything again). A shard table is created with its first port and deleted with its
+        last."""
         f = self.family
         gone_elements: Counter[Element] = Counter()
         new_elements: Counter[Element] = Counter()
         flush, delete_chains, delete_sets, add_sets, add_chains = [], [], [], [], []
         shards_before = +self.shards
         touched: set[str] = set()  # shard tables that get chains
-        for key, new in changed.items():
-            old = self.ports.pop(key, None)
-            if new is not None:
-                self.ports[key] = new
+        for old, new in changed.values():
             for port, step in ((old, -1), (new, 1)):
                 if port is not None and port.in_shard:
                     self.shards[port.shard] += step
@@ -143,8 +144,13 @@ class NftLoaded:
                         delete_sets.append((t, name))
             gone_elements.update(_elements(old))
             new_elements.update(_elements(new))
-        removed, added = [], []
+        removed: list[Element] = []
+        added: list[Element] = []
         for element in gone_elements.keys() | new_elements.keys():
+            if element[1] not in NFT_SHARED:  # one port's own: gone or new with that port
+                net = new_elements[element] - gone_elements[element]
+                (removed if net < 0 else added if net > 0 else []).append(element)
+                continue
             count = self.counts[element]
             after_count = count - gone_elements[element] + new_elements[element]
             if after_count > 0:
