@@ -1,8 +1,8 @@
 """The node's rules as ``kpgen run`` keeps them between syncs, so that a change costs in
 proportion to itself: the cluster index (kpgen.core.index), each family's service port
-plans, and in nftables mode each port's rendered share of the table and what is loaded
-(kpgen.render.delta). A change re-plans the services it touched, re-renders the ports whose
-plan differs, and loads one transaction made of those pieces.
+plans, and in nftables mode what is loaded, as counts (kpgen.render.delta). A change
+re-plans the services it touched, renders the ports whose plan differs (their old plan and
+their new one: rendered text is not kept), and loads one transaction made of those pieces.
 """
 
 from __future__ import annotations
