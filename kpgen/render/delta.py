@@ -1,9 +1,10 @@
 """Partial syncs: the smallest kernel transaction that turns loaded rules into new ones.
 
-nftables: :class:`NftLoaded` keeps what kpgen's tables of one family hold (the node-wide table
-and the shard tables), one service port's share at a time (kpgen.render.text.NftPort,
-rendered by the same templates as the whole tables), and :meth:`NftLoaded.change` writes the
-transaction that replaces some ports' shares by new ones. Its commands are chosen so that
+nftables: :class:`NftLoaded` keeps what a change needs to know of kpgen's tables of one family
+(the node-wide table and the shard tables): counts of the elements several ports share, the
+deletions that wait, the ports of each shard table. :meth:`NftLoaded.change` writes the
+transaction that replaces some ports' shares (kpgen.render.text.NftPort, rendered by the same
+templates as the whole tables) by new ones. Its commands are chosen so that
 libnftables needs no copy of the kernel's tables to resolve them (nft 1.0.6 lists every chain
 of the node before an ``add element`` or an ``add rule``: 15 ms at 20,000 chains, see
 docs/performance.md): elements are added with ``add map NAME { type ...; elements = ... }``,
