@@ -90,7 +90,7 @@ class NodeRules:
                 loaded[plan.family] = NftLoaded.of(
                     plan.family.nft_family, renderer, pieces, referenced
                 )
-            del pieces
+            pieces = []  # not kept (nor alive during the load): the counts are
             loader.load_nft(plans, tables)
             self._loaded = loaded
         else:

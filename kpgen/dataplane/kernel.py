@@ -177,7 +177,7 @@ class Nft:
         return items
 
 
-# --- iptables ---------------------------------------------------------------------------------
+# --- nf_tables' generation (anyone's commit moves it) ---------------------------------------
 
 
 @dataclass(frozen=True)
@@ -231,14 +231,7 @@ class GenerationReader:
             self._socket = None
 
 
-def generation() -> Generation | None:
-    """nf_tables' generation now (one netlink request, through pyroute2), or None when it
-    cannot be read."""
-    reader = GenerationReader()
-    try:
-        return reader.read()
-    finally:
-        reader.close()
+# --- iptables ---------------------------------------------------------------------------------
 
 
 def iptables_tool(variant: str, family: IPFamily, suffix: str = "") -> str:
