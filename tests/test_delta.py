@@ -197,42 +197,77 @@ def test_an_endpoint_added_rewrites_that_chain_and_adds_its_hairpin_element_chea
     assert "db" not in script and "api" not in script
 
 
-def test_an_endpoint_removed_leaves_its_hairpin_element_until_a_transaction_deletes_anyway() -> (
-    None
-):
+def test_deletions_that_can_wait_wait_until_a_transaction_deletes_anyway() -> None:
     twin = twin_of_web()
-    loaded = loaded_of(cluster() + twin)
-    fewer = cluster() + twin
+    twin_name = twin[0]["metadata"]["name"]
+    base = cluster() + twin
+    slice_of(base, "db-1")["endpoints"] = []  # db rejects: its reject elements are in place
+    loaded = loaded_of(base)
+    fewer = copy.deepcopy(base)
     slice_of(fewer, "web-1")["endpoints"].pop()
     script, costly = change_to(loaded, fewer)
     assert not costly and "delete" not in script
     assert loaded.stale == {("kpgen", "hairpin-endpoints", "10.244.2.2 . 10.244.2.2")}
-    script, costly = change_to(loaded, without(fewer, "db"))  # db's table is deleted whole
-    assert not costly and len(loaded.stale) == 2
-    script, costly = change_to(loaded, without(without(fewer, "db"), twin[0]["metadata"]["name"]))
-    assert costly  # the twin's chain is deleted from web's table: the other deletions too
-    hairpins = f"delete element {WHERE} hairpin-endpoints {{ "
-    waited = "10.244.2.2 . 10.244.2.2, 10.244.3.3 . 10.244.3.3, 10.244.5.5 . 10.244.5.5 }"
-    assert hairpins + waited in script.splitlines()
-    assert loaded.stale == set()
-
-
-def test_a_removed_service_deletes_its_elements_then_its_chains() -> None:
-    script, costly = change_to(loaded_of(cluster() + twin_of_web()), twin_of_web())
+    # the twin goes: its chain is flushed at once, its elements and the chain wait
+    script, costly = change_to(loaded, without(fewer, twin_name))
+    assert not costly and "delete" not in script
+    twin_chain = f"service-default/{twin_name}/tcp/80"
+    assert commands(script) == [f"flush chain {WEB} {twin_chain}"]
+    assert ("kpgen-00", "service-ips", f"10.96.0.40 . tcp . 80 : goto {twin_chain}") in {
+        (t.split()[-1], c, e) for t, c, e in loaded.stale
+    }
+    assert loaded.stale_chains == {(WEB, twin_chain)}
+    # db gets an endpoint: its reject elements must go now, and what waited goes with them
+    served = without(fewer, twin_name)
+    slice_of(served, "db-1")["endpoints"] = [endpoint("10.244.3.3")]
+    script, costly = change_to(loaded, served)
     assert costly
     lines = commands(script)
-    flushes = [i for i, ln in enumerate(lines) if ln.startswith("flush chain")]
+    hairpins = f"delete element {WHERE} hairpin-endpoints {{ "
+    assert hairpins + "10.244.2.2 . 10.244.2.2, 10.244.5.5 . 10.244.5.5 }" in lines
+    assert f"delete element {WEB} service-ips {{ 10.96.0.40 . tcp . 80 }}" in lines
+    assert lines.index(f"delete chain {WEB} {twin_chain}") > max(
+        i for i, ln in enumerate(lines) if ln.startswith("delete element")
+    )
+    assert loaded.stale == set() and loaded.stale_chains == set()
+
+
+def test_a_removed_service_is_flushed_at_once_and_deleted_later_elements_first() -> None:
+    loaded = loaded_of(cluster() + twin_of_web())
+    script, costly = change_to(loaded, without(cluster(), "web") + twin_of_web())
+    assert not costly  # web goes; its twin keeps the table
+    lines = commands(script)
+    gone = {"service-default/web/tcp/80", "external-default/web/tcp/80"}
+    assert {ln.rsplit(" ", 1)[1] for ln in lines if ln.startswith("flush chain")} == gone
+    assert not any(ln.startswith(("delete ", "add ")) for ln in lines)
+    lines = commands(loaded.delete_stale())  # a periodic full sync
     deletes = [i for i, ln in enumerate(lines) if ln.startswith("delete element")]
     chain_deletes = [i for i, ln in enumerate(lines) if ln.startswith("delete chain")]
-    assert flushes and deletes and chain_deletes
-    assert max(flushes) < min(deletes) <= max(deletes) < min(chain_deletes)
-    gone = {"service-default/web/tcp/80", "external-default/web/tcp/80"}
-    assert {ln.rsplit(" ", 1)[1] for ln in lines if ln.startswith("flush chain")} >= gone
-    assert {ln.rsplit(" ", 1)[1] for ln in lines if ln.startswith("delete chain")} >= gone
+    assert deletes and chain_deletes and max(deletes) < min(chain_deletes)
+    assert {ln.rsplit(" ", 1)[1] for ln in lines if ln.startswith("delete chain")} == gone
     assert f"delete element {WEB} service-ips {{ 10.96.0.10 . tcp . 80 }}" in lines
     assert f"delete element {WEB} service-nodeports {{ tcp . 30080 }}" in lines
-    assert f"delete table {WEB}" not in lines  # the twin is still in it
-    assert not any(ln.startswith("add ") for ln in lines)
+
+
+def test_a_waiting_key_used_again_is_kept_or_deleted_first() -> None:
+    web_gone = without(cluster(), "web") + twin_of_web()
+    loaded = loaded_of(cluster() + twin_of_web())
+    change_to(loaded, web_gone)  # web's keys and chains wait
+    script, _ = change_to(loaded, cluster() + twin_of_web())  # the very same web again
+    assert not [ln for ln in commands(script) if "service-ips" in ln or "delete" in ln]
+    assert loaded.stale_chains == set()
+    assert [e for e in loaded.stale if e[1] != "hairpin-endpoints"] == []
+    change_to(loaded, web_gone)  # web's keys wait again
+    taken = copy.deepcopy(web_gone)
+    taken[-2]["spec"]["clusterIP"] = "10.96.0.10"  # the twin (web's table) takes web's address
+    script, costly = change_to(loaded, taken)
+    assert costly  # that key leads elsewhere now: the waiting element goes first
+    lines = commands(script)
+    (deleted,) = [ln for ln in lines if ln.startswith(f"delete element {WEB} service-ips ")]
+    assert "10.96.0.10 . tcp . 80" in deleted
+    assert lines.index(deleted) < lines.index(f"add map {WEB} service-ips {{")
+    script, costly = change_to(loaded, web_gone)
+    assert not costly  # the twin back on its own address: its element for web's waits
 
 
 def test_a_service_alone_in_its_table_goes_with_the_table() -> None:
@@ -473,33 +508,44 @@ KERNEL_PROPERTY = settings(
 def test_nft_full_a_then_transactions_to_b_equal_full_b_in_the_kernel(pair: Pair) -> None:
     """A, then B's changed ports as one transaction (a node setting change is a full load,
     as the controller does); then back to A and to B again through a second transaction (the
-    elements kept for later deletion, then deleted). The kernel then holds exactly what a
-    full load of B gives, but for hairpin elements whose deletion waits (listed in
-    ``stale``)."""
+    elements and chains kept for later deletion, then deleted). The kernel then holds what
+    a full load of B gives, but for what waits to be deleted (``stale``: hairpin and dispatch
+    elements, flushed chains); once the periodic full sync has deleted those, exactly that."""
     node_a = replace(pair.flags_a, mode="nftables")
     node_b = replace(pair.flags_b, mode="nftables")
     a, b = nft_text(pair.a, node_a), nft_text(pair.b, node_b)
     steps = [("full", a)]
+    waiting: list[tuple[str, str]] = []  # the periodic full sync's deletions
+    stale: set[tuple[str, str, str]] = set()
+    stale_chains: set[tuple[str, str]] = set()
     if node_a != node_b:
         steps.append(("full", b))
-        stale: set[tuple[str, str, str]] = set()
     else:
         loaded = loaded_of(pair.a, node_a)
         for documents in (pair.b, pair.a, pair.b):
             script, _ = change_to(loaded, documents, node_a)
             steps.append(("delta", script))
-        stale = set(loaded.stale)
-    event(f"{pair.how.split()[0]}: {len(steps) - 1} step(s)")
+        stale, stale_chains = set(loaded.stale), set(loaded.stale_chains)
+        deletions = loaded.delete_stale()
+        waiting = [("delta", deletions)] if deletions else []
+    event(f"{pair.how.split()[0]}: {len(steps) - 1} step(s), {len(stale_chains)} chains wait")
     with kernel.netns() as via_delta, kernel.netns() as fresh:
         run_in(via_delta, sys.executable, "-c", NFT_STEPS, stdin=json.dumps(steps))
+        before = nft_canonical(via_delta)
+        run_in(via_delta, sys.executable, "-c", NFT_STEPS, stdin=json.dumps(waiting))
         run_in(fresh, sys.executable, "-c", NFT_STEPS, stdin=json.dumps([("full", b)]))
         got, want = nft_canonical(via_delta), nft_canonical(fresh)
-    hairpin = "set kpgen hairpin-endpoints"
-    extra = set(got["objects"][hairpin].pop("elem", [])) - set(
-        want["objects"][hairpin].pop("elem", [])
-    )
     assert got == want, pair.how
-    assert extra == {json.dumps(_hairpin_json(e), sort_keys=True) for _, _, e in stale}
+    # before the deletions: the hairpin elements and chains that waited, the latter empty
+    hairpin = "set kpgen hairpin-endpoints"
+    extra = set(before["objects"][hairpin].pop("elem", [])) - set(
+        want["objects"][hairpin].get("elem", [])
+    )
+    waited = {json.dumps(_hairpin_json(e), sort_keys=True) for _, c, e in stale if "hairpin" in c}
+    assert extra == waited
+    for table, chain in stale_chains:
+        assert f"chain {table.split()[1]} {chain}" in before["objects"]
+        assert f"{table.split()[1]} {chain}" not in before["rules"]
 
 
 def _hairpin_json(element: str) -> Any:

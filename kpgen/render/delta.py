@@ -26,8 +26,12 @@ from typing import Any
 from kpgen.core.names import NFT_TABLE, nft_shard_table
 from kpgen.render.text import NFT_SHARD_CONTAINERS, NFT_SHARED, NftPort
 
-# elements whose deletion may wait: no verdict, no chain, nothing another rule needs gone
-_DEFERRABLE = frozenset({"hairpin-endpoints"})
+# elements whose deletion may wait: an endpoint's hairpin element (nothing else needs it gone),
+# and a dispatch element of a port that is gone (its chain is flushed at once: a packet that
+# finds the element finds an empty chain, as if there were none). Deleting would make
+# libnftables 1.0.6 copy every table first (11-15 ms a command at 10,000 services, 80-100 at
+# 50,000); a transaction that deletes anyway takes them along, so does a periodic full sync.
+_DEFERRABLE = frozenset({"hairpin-endpoints", *NFT_SHARD_CONTAINERS})
 # at most this many wait: then the next transaction deletes them (so does a full sync)
 STALE_LIMIT = 1000
 Element = tuple[str, str, str]  # (table, set or map, element)
@@ -79,6 +83,7 @@ class NftLoaded:
     renderer: Any  # templates/nftables.port.j2's macros (kpgen.render.text.nft_port_renderer)
     counts: Counter[Element] = field(default_factory=Counter)
     stale: set[Element] = field(default_factory=set)
+    stale_chains: set[tuple[str, str]] = field(default_factory=set)  # ("ip kpgen-07", chain)
     shards: Counter[int] = field(default_factory=Counter)
     # sets the port chains may name, declared in a transaction before its chains
     referenced_sets: tuple[str, ...] = ()
@@ -110,7 +115,11 @@ class NftLoaded:
         f = self.family
         gone_elements: Counter[Element] = Counter()
         new_elements: Counter[Element] = Counter()
-        flush, delete_chains, delete_sets, add_sets, add_chains = [], [], [], [], []
+        flush: list[tuple[str, str]] = []
+        delete_chains: list[tuple[str, str]] = []
+        delete_sets: list[tuple[str, str]] = []
+        add_sets: list[str] = []
+        add_chains: list[str] = []
         shards_before = +self.shards
         touched: set[str] = set()  # shard tables that get chains
         for old, new in changed.values():
@@ -136,11 +145,12 @@ class NftLoaded:
                         flush.append((t, name))
                     add_chains.append(f"add chain {t} {name} {{\n{text}}}\n")
                     touched.add(t)
+                    self.stale_chains.discard((t, name))  # flushed before: filled again
             for name, (kind, _) in before.items():
                 if name not in after:
-                    if kind == "chain":
+                    if kind == "chain":  # flushed now, deleted with the deferred elements
                         flush.append((t, name))
-                        delete_chains.append((t, name))
+                        self.stale_chains.add((t, name))
                     else:
                         delete_sets.append((t, name))
             gone_elements.update(_elements(old))
@@ -172,16 +182,29 @@ class NftLoaded:
             table = where if isinstance(where, str) else where[0]
             return table.rsplit(" ", 1)[-1] not in dropped
 
-        # a changed verdict is a deletion and an addition of the same key
         deletions = [e for e in removed if e[1] not in _DEFERRABLE and e[0] not in dropped]
-        self.stale.update(e for e in removed if e[1] in _DEFERRABLE)
+        self.stale.update(e for e in removed if e[1] in _DEFERRABLE and e[0] not in dropped)
+        self.stale = {e for e in self.stale if e[0] not in dropped}
+        self.stale_chains = {c for c in self.stale_chains if stays(c)}
+        # a key added again: the same element is there already; another one (a changed
+        # verdict) must go first
+        for new_element in list(added):
+            key = (new_element[0], new_element[1], _key(new_element[2]))
+            for waiting in [e for e in self.stale if (e[0], e[1], _key(e[2])) == key]:
+                self.stale.discard(waiting)
+                if waiting == new_element:
+                    added.remove(new_element)
+                else:
+                    deletions.append(waiting)
         flush, delete_chains, delete_sets = (
             [c for c in commands if stays(c)] for commands in (flush, delete_chains, delete_sets)
         )
         costly = bool(deletions or delete_chains or delete_sets)
-        if costly or len(self.stale) > STALE_LIMIT:
+        if costly or len(self.stale) + len(self.stale_chains) > STALE_LIMIT:
             deletions += sorted(self.stale)
+            delete_chains += sorted(self.stale_chains)
             self.stale.clear()
+            self.stale_chains.clear()
         script = [
             str(self.renderer.shard(nft_shard_table(n), {}, [])).lstrip("\n")
             for n in sorted(created)
@@ -207,10 +230,13 @@ class NftLoaded:
         return "".join(script), costly
 
     def delete_stale(self) -> str:
-        """The transaction that deletes the elements whose deletion waited (empty: none)."""
-        script = "".join(_grouped(f"delete element {self.family}", self.stale, key=_key))
+        """The transaction that deletes the elements and chains whose deletion waited (empty:
+        none)."""
+        script = _grouped(f"delete element {self.family}", self.stale, key=_key)
+        script += [f"delete chain {t} {name}\n" for t, name in sorted(self.stale_chains)]
         self.stale.clear()
-        return script
+        self.stale_chains.clear()
+        return "".join(script)
 
 
 def _by_container(elements: Iterable[Element]) -> dict[tuple[str, str], list[str]]:

@@ -75,11 +75,15 @@ CHURN_SLICE = {
 
 
 def churn_ports(rules: str) -> set[int]:
-    """The churn service's port numbers in the node's rules (nft or iptables)."""
+    """The churn service's port numbers that the node's rules serve: nft chains with rules
+    (a port gone leaves its chain flushed, and its dispatch element, until a deletion that
+    waits is made), iptables lines."""
     found: set[int] = set()
+    chains = re.findall(r"chain service-default/churn/tcp/(\d{5}) \{\n((?:\t\t.*\n)*)\t\}", rules)
+    found |= {int(port) for port, body in chains if body.strip()}
     for line in rules.splitlines():
-        if "churn" in line:
-            found |= {int(p) for p in re.findall(r"(?:/tcp/|\. |dport |tcp )(\d{5})\b", line)}
+        if "churn" in line and line.startswith("-A "):
+            found |= {int(p) for p in re.findall(r"dport (\d{5})\b", line)}
     return found
 
 
