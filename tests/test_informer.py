@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import polling
 import pytest
 from apiserver import ApiServer, Request
 
@@ -143,13 +144,8 @@ def held(store: Store) -> dict[Key, Obj]:
 
 
 def wait_until(what: str, condition: Callable[[], bool], timeout: float = GUARD) -> float:
-    """Poll ``condition`` until it holds; the seconds it took. AssertionError on timeout."""
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"not after {timeout}s: {what}")
-        time.sleep(0.02)
-    return time.monotonic() - started
+    """:func:`polling.wait_until`, bounded by GUARD unless told, polling every 20 ms."""
+    return polling.wait_until(what, condition, timeout, poll=0.02)
 
 
 def wait_mirror(store: Store, server: ApiServer, node_name: str = NODE_NAME) -> None:

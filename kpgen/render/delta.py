@@ -177,10 +177,10 @@ class NftLoaded:
         created = [n for n in self.shards if n not in shards_before]
         dropped = {nft_shard_table(n) for n in shards_before if n not in self.shards}
 
-        def stays(where: str | tuple[str, ...]) -> bool:
-            """Whether a command's table stays (a dropped table is deleted whole)."""
-            table = where if isinstance(where, str) else where[0]
-            return table.rsplit(" ", 1)[-1] not in dropped
+        def stays(command: tuple[str, str]) -> bool:
+            """Whether the table of a (table, name) command stays (a dropped table is deleted
+            whole)."""
+            return command[0].rsplit(" ", 1)[-1] not in dropped
 
         deletions = [e for e in removed if e[1] not in _DEFERRABLE and e[0] not in dropped]
         self.stale.update(e for e in removed if e[1] in _DEFERRABLE and e[0] not in dropped)

@@ -24,12 +24,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import netsock
 from apiserver import ApiServer
+from polling import wait_until  # noqa: F401  (lab_api's users wait with it)
 
 from kpgen.core.names import is_nft_table
 from kpgen.inputs.manifests import load_documents
@@ -67,16 +67,6 @@ def kpgen_run_argv(worker: str, mode: str, *flags: str) -> list[str]:
         "--metrics-bind-address", "",
         *flags,
     ]  # fmt: skip
-
-
-def wait_until(what: str, condition: Callable[[], bool], timeout: float) -> float:
-    """Poll ``condition`` until it holds; the seconds it took, or AssertionError."""
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"not after {timeout}s: {what}")
-        time.sleep(0.05)
-    return time.monotonic() - started
 
 
 _SEED = {(d["kind"], d["metadata"]["name"]): d for d in load_documents([str(SEED)])}
