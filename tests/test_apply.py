@@ -146,6 +146,34 @@ def test_cleanup_removes_everything_of_kpgen_and_nothing_else(ns: str) -> None:
     assert "nothing of kpgen's to remove" in again.stderr
 
 
+LEFTOVERS = "add table ip6 kpgen-07\nadd table ip kpgen-42\nadd table inet kpgenx\n"
+TABLES = "from kpgen.dataplane.kernel import Nft; print(*sorted(Nft().tables()), sep='\\n')"
+
+
+def test_kpgen_tables_are_read_as_libnftables_lists_them_and_cleanup_removes_them(
+    ns: str,
+) -> None:
+    """kpgen reads the tables through netlink (libnftables' ``list tables`` reads every
+    chain and rule first): the same tables, of every family, as ``nft list tables`` shows."""
+    assert kpgen(ns, "apply", "-f", SEED, *SEED_FLAGS).returncode == 0
+    assert run_in(ns, "nft", "-f", "-", stdin=LEFTOVERS + FOREIGN_NFT).returncode == 0
+    listed = run_in(ns, "nft", "list", "tables").stdout.split("\n")
+    expected = sorted(
+        line.removeprefix("table ")
+        for line in listed
+        if re.fullmatch(r"table \S+ kpgen(-[0-9]{2})?", line)
+    )
+    assert "ip6 kpgen-07" in expected and "inet kpgenx" not in " ".join(expected)
+    read = run_in(ns, sys.executable, "-c", TABLES)
+    assert read.stdout.splitlines() == expected, read.stderr
+    removed = kpgen(ns, "cleanup")
+    assert removed.returncode == 0, removed.stderr
+    assert run_in(ns, "nft", "list", "tables").stdout.split("\n")[:-1] == [
+        "table inet kpgenx",
+        "table ip foreign",
+    ]
+
+
 REJECTED = textwrap.dedent(
     """
     import sys

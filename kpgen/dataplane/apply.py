@@ -23,8 +23,8 @@ from kpgen.core.node import ProxyMode
 from kpgen.core.plan import FamilyPlan
 from kpgen.dataplane.kernel import (
     Generation,
-    GenerationReader,
     KernelError,
+    NfNetlink,
     Nft,
     detect_iptables_variant,
     iptables_save,
@@ -292,17 +292,17 @@ class RuleLoader:
         self.loaded: dict[IPFamily, str] | None = None
         self._nft: Nftables | None = None
         self.written: Generation | None = None  # nf_tables' generation after the last write
-        self._generations = GenerationReader()
+        self._netlink = NfNetlink()
 
     def _wrote(self) -> None:
-        self.written = self._generations.read()
+        self.written = self._netlink.generation()
 
     def changed_since_written(self) -> Generation | None:
         """nf_tables' generation if someone committed since kpgen's last write (or it is
         unknown), else None: kpgen's rules are as it left them."""
         if self.mode is ProxyMode.IPTABLES and self.iptables_variant == "legacy":
             return Generation(-1)  # iptables-legacy moves no generation: always unknown
-        now = self._generations.read()
+        now = self._netlink.generation()
         if now is None or self.written is None or now.id != self.written.id:
             return now or Generation(-1)
         return None
