@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import ipaddress
 from collections import Counter
+from typing import Any
 
 import pytest
 from builders import endpoint, endpoint_slice, service
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from kpgen.core import parse
+from kpgen.core.fields import Field, Invalid
 from kpgen.core.model import (
     DEFAULT_AFFINITY_TIMEOUT,
     EndpointConditions,
@@ -842,3 +847,75 @@ def test_a_node_is_named_without_a_namespace():
         'Node ci-worker-b: status.addresses[0].address: "10.0.0.300" is not an IP address'
         " (Node skipped)"
     ]
+
+
+# --- the direct read of common endpoints -------------------------------------------------
+
+_damaged = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-2, 2),
+    st.sampled_from(["", "worker-1", "Worker_1", "a" * 254, "zone-a", "10.0.0.1", "fd00::1"]),
+    st.lists(st.sampled_from(["10.0.0.1", "fd00::1", "010.0.0.1", "fe80::1%eth0", 7]), max_size=2),
+    st.dictionaries(st.sampled_from(["ready", "forZones"]), st.booleans(), max_size=1),
+)
+
+
+def _often(usual: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """A value of ``usual`` three times in four, else a damaged one."""
+    return st.sampled_from([usual, usual, usual, _damaged]).flatmap(lambda strategy: strategy)
+
+
+def _mostly(*usual: Any) -> st.SearchStrategy[Any]:
+    """One of the usual values (a few are wrong in ways a direct read could miss: 1 for
+    true, an empty zone), or a damaged one."""
+    return _often(st.sampled_from(usual))
+
+
+_condition = _mostly(None, True, False, 1, 0)
+_endpoints = st.fixed_dictionaries(
+    {"addresses": _mostly(["10.0.0.1"], ["fd00::1"], ["10.0.0.2", "10.0.0.3"], [" 10.0.0.4"])},
+    optional={
+        "conditions": _often(
+            st.fixed_dictionaries(
+                {}, optional={k: _condition for k in ("ready", "serving", "terminating")}
+            )
+        ),
+        "nodeName": _mostly(None, "worker-1", "node.example.com", "", "Node-1"),
+        "zone": _mostly(None, "", "zone-a"),
+        "hints": _mostly(None, {"forZones": [{"name": "zone-a"}]}),
+        "targetRef": _damaged,
+    },
+)
+
+
+def _outcome(read: Any, raw: Any, family: IPFamily) -> Any:
+    try:
+        return read(Field(raw, "endpoints[0]"), family, False)
+    except Invalid as error:
+        return ("invalid", error.field, error.problem)
+
+
+@given(raw=st.one_of(_endpoints, _damaged), family=st.sampled_from(list(IPFamily)))
+@settings(max_examples=400, deadline=None)
+def test_an_endpoint_read_directly_is_what_the_checked_read_makes_of_it(
+    raw: Any, family: IPFamily
+) -> None:
+    """Most endpoints are read straight from their dict (a slice's endpoints are most of a
+    cluster's objects); whatever the shape or value, the outcome (the Endpoint, or the field
+    named as wrong) is the one the field-by-field read gives."""
+    assert _outcome(parse._endpoint, raw, family) == _outcome(parse._checked_endpoint, raw, family)
+
+
+def test_an_endpoint_of_the_controllers_shape_is_read_directly() -> None:
+    """The direct read is not dead code: a controller-written endpoint takes it."""
+    raw = {
+        "addresses": ["10.0.0.1"],
+        "conditions": {"ready": True, "serving": True, "terminating": False},
+        "nodeName": "worker-1",
+        "zone": "zone-a",
+        "targetRef": {"kind": "Pod", "name": "web-1", "namespace": "default"},
+    }
+    direct = parse._plain_endpoint(raw, IPFamily.V4)
+    assert direct == parse._checked_endpoint(Field(raw), IPFamily.V4, False)
+    assert direct is not None and direct.node_name == "worker-1"

@@ -21,6 +21,7 @@ from kpgen.core.fields import (
     SUBDOMAIN_MAX,
     Field,
     Invalid,
+    parse_ip,
     printable,
 )
 from kpgen.core.model import (
@@ -294,6 +295,58 @@ def _placement(entry: Field, beta: bool) -> tuple[Field | None, Field | None]:
 
 
 def _endpoint(entry: Field, family: IPFamily, beta: bool) -> Endpoint:
+    if not beta:  # the common shape, read directly; anything else (or wrong) the long way
+        plain = _plain_endpoint(entry.value, family)
+        if plain is not None:
+            return plain
+    return _checked_endpoint(entry, family, beta)
+
+
+@functools.lru_cache(maxsize=4096)
+def _node_name(text: str) -> str | None:
+    """A valid node name, interned (thousands of endpoints name the same few nodes), or None."""
+    if len(text) > SUBDOMAIN_MAX or not DNS1123_SUBDOMAIN.match(text):
+        return None
+    return sys.intern(text)
+
+
+def _plain_endpoint(raw: Any, family: IPFamily) -> Endpoint | None:
+    """An endpoint of the shape the EndpointSlice controller writes (an address, conditions,
+    a node and a zone; no hints), read straight from the dict: the same Endpoint
+    :func:`_checked_endpoint` makes of it. None for any other shape or any bad value, which
+    :func:`_checked_endpoint` then reads (and names the field that is wrong): a slice's
+    endpoints are most of what a cluster's objects hold."""
+    if type(raw) is not dict or raw.get("hints") is not None:
+        return None
+    addresses = raw.get("addresses")
+    if type(addresses) is not list or not addresses:
+        return None
+    try:
+        address = parse_ip(addresses[0])
+    except ValueError:
+        return None
+    if IPFamily.of(address) is not family:
+        return None
+    node, zone = raw.get("nodeName"), raw.get("zone")
+    if node is not None and (type(node) is not str or (node := _node_name(node)) is None):
+        return None
+    if zone is not None and type(zone) is not str:
+        return None
+    conditions = raw.get("conditions")
+    if conditions is None:
+        flags: tuple[Any, ...] = (None, None, None)
+    elif type(conditions) is dict:
+        flags = (conditions.get("ready"), conditions.get("serving"), conditions.get("terminating"))
+        if any(flag is not None and type(flag) is not bool for flag in flags):
+            return None
+    else:
+        return None
+    return Endpoint(
+        address, _CONDITIONS(*flags), node, sys.intern(zone) if zone is not None else None
+    )
+
+
+def _checked_endpoint(entry: Field, family: IPFamily, beta: bool) -> Endpoint:
     addresses = list(entry["addresses"].items())
     if not addresses:
         raise Invalid(f"{entry.path}.addresses", "needs at least one address")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kpgen.core.model import (
     ClusterState,
@@ -63,6 +63,22 @@ class PortPlan:
     health_check_node_port: int | None = None
     affinity_timeout: int | None = None  # sessionAffinity ClientIP: seconds; None: no affinity
 
+    # derived once, at construction: the templates read them several times per port
+    external_addresses: tuple[IPAddress, ...] = field(init=False, compare=False)
+    """externalIPs and load-balancer IPs: both are external destinations. An address that is
+    also the ClusterIP stays a ClusterIP (one address, protocol and port: one rule)."""
+    endpoints: tuple[Backend, ...] = field(init=False, compare=False)
+    """Every endpoint some traffic may reach."""
+
+    def __post_init__(self) -> None:
+        addresses = dict.fromkeys((*self.external_ips, *self.load_balancer_ips))
+        addresses.pop(self.cluster_ip, None)
+        endpoints = tuple(sorted({*self.cluster_endpoints, *self.local_endpoints}))
+        if endpoints == self.cluster_endpoints:  # the usual case: one tuple kept, not two
+            endpoints = self.cluster_endpoints
+        object.__setattr__(self, "external_addresses", tuple(addresses))
+        object.__setattr__(self, "endpoints", endpoints)
+
     @property
     def key(self) -> str:
         """A readable, unique name: ``namespace/name/protocol/port``."""
@@ -72,14 +88,6 @@ class PortPlan:
     def port_name(self) -> str:
         """kube-proxy's ServicePortName: ``namespace/name:port-name``."""
         return f"{self.service}:{self.port.name}" if self.port.name else str(self.service)
-
-    @property
-    def external_addresses(self) -> tuple[IPAddress, ...]:
-        """externalIPs and load-balancer IPs: both are external destinations. An address that
-        is also the ClusterIP stays a ClusterIP (one address, protocol and port: one rule)."""
-        addresses = dict.fromkeys((*self.external_ips, *self.load_balancer_ips))
-        addresses.pop(self.cluster_ip, None)
-        return tuple(addresses)
 
     @property
     def firewalled_addresses(self) -> tuple[IPAddress, ...]:
@@ -92,11 +100,6 @@ class PortPlan:
     @property
     def has_external(self) -> bool:
         return self.port.node_port is not None or bool(self.external_addresses)
-
-    @property
-    def endpoints(self) -> tuple[Backend, ...]:
-        """Every endpoint some traffic may reach."""
-        return tuple(sorted({*self.cluster_endpoints, *self.local_endpoints}))
 
     @property
     def has_endpoints(self) -> bool:
