@@ -75,6 +75,12 @@ def test_apply_loads_the_nftables_table_and_reapplying_changes_nothing(ns: str) 
     assert "tcp . 30001 : goto external-default/node-port/tcp/8080" in loaded
     assert kpgen(ns, "apply", "-f", SEED, *SEED_FLAGS).returncode == 0
     assert nft_ruleset(ns) == loaded
+    # what nft -f of the rendered text loads, the tables' comments too
+    rendered = kpgen(ns, "render", "-f", SEED, *SEED_FLAGS).stdout
+    assert 'comment "rules for kpgen"' in rendered
+    with kernel.netns() as fresh:
+        assert run_in(fresh, "nft", "-f", "-", stdin=rendered).returncode == 0
+        assert nft_ruleset(fresh) == loaded
 
 
 def test_apply_check_validates_without_loading_anything(ns: str) -> None:

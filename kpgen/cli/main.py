@@ -280,7 +280,7 @@ def render_command(
     node = _node(options)
     result = _read_inputs(inputs, node, verbose)
     if node.mode is ProxyMode.IPTABLES:
-        click.echo(_iptables_text(result.state, node), nl=False)
+        click.echo(iptables_text(result.state, node), nl=False)
     else:
         click.echo(render(result.state, node), nl=False)
 
@@ -292,7 +292,7 @@ JUMPS_NOTE = """\
 """
 
 
-def _iptables_text(state: Any, node: NodeConfig) -> str:
+def iptables_text(state: Any, node: NodeConfig) -> str:
     """iptables-restore input that can be loaded again and again: every chain of kpgen's is
     declared and rewritten whole, and the jumps from the built-in chains, which a restore
     would add once more each time, are printed before each COMMIT as commands that add them

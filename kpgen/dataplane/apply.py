@@ -74,8 +74,10 @@ class Nftables(Nft):
             existing = self.objects(family)
             for table, wanted in _nft_objects(text).items():
                 name = f"{family.nft_family} {table}"
-                there = existing.pop(table, {})
-                script.append(f"add table {name}\nflush table {name}\n")
+                there = existing.pop(table, None)
+                if there is None:  # made by the text itself, with its comment
+                    continue
+                script.append(f"flush table {name}\n")
                 # sets and maps are refilled; the affinity sets hold what clients did (dynamic
                 # entries), not rules, and keep it
                 script += [
