@@ -32,10 +32,13 @@ from kpgen.core.names import ipt_chain, nft_shard, nft_shard_table
 from kpgen.core.node import NodeFlags, ProxyMode, node_config
 from kpgen.core.parse import parse_documents
 from kpgen.core.plan import FamilyPlan, build_plans
-from kpgen.render.delta import NftLoaded, iptables_delta, parse_iptables
+from kpgen.render.delta import NftLoaded, iptables_change, parse_iptables
 from kpgen.render.text import (
     NftPort,
+    ipt_port_renderer,
     nft_port_renderer,
+    render_ipt_port,
+    render_ipt_rules,
     render_nft_port,
     render_nft_table,
     render_plan,
@@ -296,19 +299,34 @@ def test_the_full_table_is_the_ports_shares_assembled() -> None:
     assert render_nft_table(plan, [pieces[p.key] for p in plan.ports]) == nft_text(cluster())
 
 
-# --- iptables_delta -----------------------------------------------------------------------
+# --- iptables_change ----------------------------------------------------------------------
+
+
+def ipt_change_of(plan_a: FamilyPlan, plan_b: FamilyPlan) -> str:
+    """iptables_change from ``plan_a``'s rules to ``plan_b``'s, every port's share paired by
+    key as NodeRules pairs the ports it planned again (unchanged ones pair equal shares)."""
+    shares = [
+        {p.key: render_ipt_port(ipt_port_renderer(plan), p) for p in plan.ports}
+        for plan in (plan_a, plan_b)
+    ]
+    pairs = [(shares[0].get(key), shares[1].get(key)) for key in shares[0].keys() | shares[1]]
+    rests = tuple(render_ipt_rules(plan, [], insert_jumps=()) for plan in (plan_a, plan_b))
+    return iptables_change(pairs, rests, lambda: render_plan(plan_b, IPT, insert_jumps=()))
+
+
+def ipt_change(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> str:
+    return ipt_change_of(plan_of(a), plan_of(b))
 
 
 def _declared(delta: str) -> set[str]:
     return set(re.findall(r"^:(\S+) ", delta, re.M))
 
 
-def test_iptables_delta_of_identical_renderings_is_empty() -> None:
-    text = ipt_text(cluster())
-    assert iptables_delta(text, text) == ""
+def test_iptables_change_of_identical_shares_is_empty() -> None:
+    assert ipt_change(cluster(), cluster()) == ""
 
 
-def test_iptables_delta_rewrites_only_the_chains_whose_rules_changed() -> None:
+def test_iptables_change_rewrites_only_the_chains_whose_rules_changed() -> None:
     after = cluster()
     slice_of(after, "web-1")["endpoints"].append(endpoint("10.244.9.9"))
     plan = plan_of(after)
@@ -316,7 +334,7 @@ def test_iptables_delta_rewrites_only_the_chains_whose_rules_changed() -> None:
     new_sep = next(
         ipt_chain("SEP", web, b) for b in web.endpoints if str(b.address) == "10.244.9.9"
     )
-    delta = iptables_delta(ipt_text(cluster()), ipt_text(after))
+    delta = ipt_change(cluster(), after)
     assert _declared(delta) == {ipt_chain("SVC", web), new_sep}
     appended = {line.split(" ", 2)[1] for line in delta.splitlines() if line.startswith("-A ")}
     assert appended == {ipt_chain("SVC", web), new_sep}
@@ -327,17 +345,29 @@ def test_iptables_delta_rewrites_only_the_chains_whose_rules_changed() -> None:
     assert [("probability" in ln) for ln in svc_rules[-3:]] == [True, True, False]
 
 
-def test_iptables_delta_deletes_the_chains_of_a_removed_service() -> None:
+def test_iptables_change_deletes_the_chains_of_a_removed_service() -> None:
     plan = plan_of(cluster())
     web = next(p for p in plan.ports if p.key == "default/web/tcp/80")
     gone = {ipt_chain("SVC", web), ipt_chain("EXT", web)}
     gone |= {ipt_chain("SEP", web, b) for b in web.endpoints}
-    delta = iptables_delta(ipt_text(cluster()), ipt_text(without(cluster(), "web")))
+    delta = ipt_change(cluster(), without(cluster(), "web"))
     assert set(re.findall(r"^-X (\S+)$", delta, re.M)) == gone
     # declared (flushed) in the same input, and the chains that jumped to them rewritten
     assert _declared(delta) == gone | {"KPGEN-SERVICES", "KPGEN-NODEPORTS"}
     assert not any(f"-j {chain}" in delta for chain in gone)
     assert "*filter" not in delta
+
+
+def test_iptables_change_rewrites_a_shared_chain_of_the_rest_whole() -> None:
+    """A ClusterIP that goes leaves the rest of the rules (KPGEN-CLUSTER-IPS, made of every
+    ClusterIP under --service-cidr): that chain is rewritten whole, from the new rules."""
+    flags = NodeFlags(hostname="node-a", service_cidrs=("10.96.0.0/16",))
+    before, after = plan_of(cluster(), flags), plan_of(without(cluster(), "db"), flags)
+    delta = ipt_change_of(before, after)
+    wanted = parse_iptables(render_plan(after, IPT, insert_jumps=()))["filter"]
+    rewritten = parse_iptables(delta)["filter"]
+    assert rewritten["KPGEN-CLUSTER-IPS"] == wanted["KPGEN-CLUSTER-IPS"]
+    assert "10.96.0.20" not in "".join(rewritten["KPGEN-CLUSTER-IPS"])
 
 
 # --- in the kernel ------------------------------------------------------------------------
@@ -556,12 +586,10 @@ def _hairpin_json(element: str) -> Any:
 @pytest.mark.kernel
 @KERNEL_PROPERTY
 @given(pair=cluster_pairs())
-def test_iptables_full_a_then_delta_to_b_equals_full_b_in_the_kernel(pair: Pair) -> None:
+def test_iptables_full_a_then_change_to_b_equals_full_b_in_the_kernel(pair: Pair) -> None:
     plan_a, plan_b = render_pair(pair, IPT)
-    # as RuleLoader: the first load carries the jumps, the delta compares texts without them
-    delta = iptables_delta(
-        render_plan(plan_a, IPT, insert_jumps=()), render_plan(plan_b, IPT, insert_jumps=())
-    )
+    # the first load carries the jumps; the change, as NodeRules makes it, does not touch them
+    delta = ipt_change_of(plan_a, plan_b)
     event(f"{pair.how.split()[0]}: {'partial' if delta else 'empty'}")
     restore = ["iptables-restore", "-w", "5", "--noflush"]
     with kernel.netns() as via_delta, kernel.netns() as fresh:
@@ -574,59 +602,30 @@ def test_iptables_full_a_then_delta_to_b_equals_full_b_in_the_kernel(pair: Pair)
     assert set(parse_iptables(render_plan(plan_b, IPT))) <= set(got)
 
 
-# RuleLoader inside a namespace: full(A), then partial(B); prints what it saw as JSON.
+# RuleLoader inside a namespace: the rules of some documents loaded whole.
 LOADER_SCRIPT = textwrap.dedent(
     """
-    import json, subprocess, sys
+    import json, sys
     from kpgen.dataplane.apply import RuleLoader
     from kpgen.core.node import NodeFlags, node_config
     from kpgen.core.parse import parse_documents
     from kpgen.core.plan import build_plans
 
     job = json.load(sys.stdin)
-
-    def plans(documents, flags=job["flags"]):
-        return build_plans(parse_documents(documents).state, node_config(NodeFlags(**flags)))
-
-    def listing():  # with handles: a rule written again gets a new one
-        return subprocess.run(["nft", "-a", "list", "ruleset"], capture_output=True,
-                              text=True, check=True).stdout
-
-    loader = RuleLoader(node_config(NodeFlags(**job["flags"])).mode)
-    loader.full(plans(job["a"]))
-    before = listing()
-    written = None
-    if job["b"] is not None:
-        written = loader.partial(plans(job["b"], job.get("flags_b", job["flags"])))
-    print(json.dumps({"written": written, "before": before, "after": listing()}))
+    node = node_config(NodeFlags(**job["flags"]))
+    RuleLoader(node.mode).full(build_plans(parse_documents(job["documents"]).state, node))
     """
 )
 
 
-def run_loader(
-    namespace: str,
-    tmp_path: Path,
-    mode: ProxyMode,
-    a: list[dict[str, Any]],
-    b: list[dict[str, Any]] | None,
-    flags: NodeFlags,
-    flags_b: NodeFlags | None = None,
-) -> dict[str, Any]:
+def load_whole(
+    namespace: str, tmp_path: Path, mode: ProxyMode, documents: list[dict[str, Any]]
+) -> None:
     script = tmp_path / "loader.py"
     script.write_text(LOADER_SCRIPT)
-
-    def spelled(node: NodeFlags) -> dict[str, Any]:
-        return {
-            "hostname": node.hostname,
-            "cluster_cidrs": list(node.cluster_cidrs),
-            "mode": mode.value,
-        }
-
-    job = {"flags": spelled(flags), "flags_b": spelled(flags_b or flags), "a": a, "b": b}
-    out: dict[str, Any] = json.loads(
-        run_in(namespace, sys.executable, str(script), stdin=json.dumps(job))
-    )
-    return out
+    flags = {"hostname": SEED_FLAGS.hostname, "cluster_cidrs": list(SEED_FLAGS.cluster_cidrs)}
+    job = {"flags": {**flags, "mode": mode.value}, "documents": documents}
+    run_in(namespace, sys.executable, str(script), stdin=json.dumps(job))
 
 
 SEED_FLAGS = NodeFlags(hostname="k8s-worker01", cluster_cidrs=("192.168.0.0/16",))
@@ -659,49 +658,6 @@ def listing_of(mode: ProxyMode, namespace: str) -> Any:
     if mode is NFT:
         return nft_canonical(namespace)
     return ipt_canonical(kernel.iptables_save(namespace))
-
-
-@pytest.mark.kernel
-@pytest.mark.parametrize("mode", [IPT], ids=["iptables"])
-def test_rule_loader_partial_of_the_same_plans_writes_nothing(
-    mode: ProxyMode, tmp_path: Path
-) -> None:
-    with kernel.netns() as namespace:
-        out = run_loader(namespace, tmp_path, mode, seed(), seed(), SEED_FLAGS)
-    assert out["written"] == 0
-    assert "192.168.69.246" in out["before"]
-    assert out["after"] == out["before"]  # handles included: not a rule was rewritten
-
-
-@pytest.mark.kernel
-@pytest.mark.parametrize("mode", [IPT], ids=["iptables"])
-def test_rule_loader_partial_gives_the_rules_of_a_full_load(
-    mode: ProxyMode, tmp_path: Path
-) -> None:
-    with kernel.netns() as partial, kernel.netns() as full:
-        out = run_loader(partial, tmp_path, mode, seed(), seed_changed(), SEED_FLAGS)
-        run_loader(full, tmp_path, mode, seed_changed(), None, SEED_FLAGS)
-        assert out["written"], "a change must write something"
-        assert listing_of(mode, partial) == listing_of(mode, full)
-        assert "192.168.70.7" in out["after"] and "10.98.225.181" not in out["after"]
-
-
-@pytest.mark.kernel
-def test_rule_loader_partial_after_a_node_setting_change_rewrites_iptables_chains_in_place(
-    tmp_path: Path,
-) -> None:
-    no_cidr = NodeFlags(hostname="k8s-worker01")
-    with kernel.netns() as namespace, kernel.netns() as full:
-        out = run_loader(namespace, tmp_path, IPT, seed(), seed(), SEED_FLAGS, no_cidr)
-        run_loader(full, tmp_path, IPT, seed(), None, no_cidr)
-        assert out["written"]
-        assert listing_of(IPT, namespace) == listing_of(IPT, full)
-
-
-def test_rule_loader_partial_needs_a_full_load_first() -> None:
-    from kpgen.dataplane.apply import RuleLoader
-
-    assert RuleLoader(IPT).partial([plan_of(cluster())]) is None
 
 
 # The controller's nftables path inside a namespace: every object of A loaded whole, then B's
@@ -751,7 +707,7 @@ def test_the_controllers_changes_give_the_rules_of_a_full_load(
     job = {"flags": flags, "a": seed(), "b": after}
     with kernel.netns() as partial, kernel.netns() as full:
         out = json.loads(run_in(partial, sys.executable, str(script), stdin=json.dumps(job)))
-        run_loader(full, tmp_path, mode, after, None, SEED_FLAGS)
+        load_whole(full, tmp_path, mode, after)
         got, want = listing_of(mode, partial), listing_of(mode, full)
     assert out["intact"]  # the generation it wrote is the namespace's
     if b == "same":

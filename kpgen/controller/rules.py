@@ -8,6 +8,7 @@ their new one: rendered text is not kept), and loads one transaction made of tho
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 from kpgen.core.index import Changes, ClusterIndex, DocKey
@@ -15,7 +16,7 @@ from kpgen.core.model import IPFamily, ObjectRef
 from kpgen.core.node import NodeConfig, ProxyMode
 from kpgen.core.plan import FamilyPlan, PortPlan, family_plan
 from kpgen.dataplane.apply import RuleLoader
-from kpgen.render.delta import NftLoaded
+from kpgen.render.delta import NftLoaded, iptables_change
 from kpgen.render.text import (
     IptPort,
     NftPort,
@@ -37,6 +38,8 @@ class NodeRules:
         self._keys_of: dict[IPFamily, dict[ObjectRef, tuple[str, ...]]] = {}
         self._renderers: dict[IPFamily, Any] = {}
         self._ipt_pieces: dict[IPFamily, dict[str, IptPort]] = {}
+        # iptables: the rules of no port at all as loaded last (the shared chains' own rules)
+        self._ipt_rest: dict[IPFamily, str] = {}
         self._loaded: dict[IPFamily, NftLoaded] = {}
         # the ports the last sync changed (before, after), for stale UDP conntrack entries
         self._changed: tuple[list[FamilyPlan] | None, list[FamilyPlan]] = (None, [])
@@ -61,8 +64,8 @@ class NodeRules:
         self._keys_of = {f: {} for f in families}
         for family, ports in self.ports.items():
             keys = self._keys_of[family]
-            for port in ports.values():
-                keys[port.service] = (*keys.get(port.service, ()), port.key)
+            for key, port in ports.items():  # the dict's key: one string per port, not two
+                keys[port.service] = (*keys.get(port.service, ()), key)
         header = {f: family_plan(self.node, f, (), self.index.node_object) for f in families}
         if self.nft:  # the ports' shares are rendered when loaded (and kept as counts only)
             self._renderers = {f: nft_port_renderer(header[f]) for f in families}
@@ -94,7 +97,9 @@ class NodeRules:
             loader.load_nft(plans, tables)
             self._loaded = loaded
         else:
+            self._ipt_rest = {}  # if the load fails, what is loaded is unknown: loaded whole
             loader.full(plans)
+            self._ipt_rest = {plan.family: _ipt_rest(plan) for plan in plans}
         self._changed = (self._last_loaded, plans)
         self._last_loaded = plans
 
@@ -105,6 +110,7 @@ class NodeRules:
         after_all: list[FamilyPlan] = []
         script = []
         cached = False  # whether the transaction makes libnftables copy the kernel's tables
+        ipt_shares: dict[IPFamily, list[tuple[IptPort | None, IptPort | None]]] = {}
         self.health_checks_changed = False
         for family, ports in self.ports.items():
             keys_of = self._keys_of[family]
@@ -134,11 +140,12 @@ class NodeRules:
             after_all.append(family_plan(self.node, family, (p for p in after.values() if p), node))
             if not self.nft:
                 renderer, ipt_pieces = self._renderers[family], self._ipt_pieces[family]
+                pairs = ipt_shares[family] = []
                 for key, wanted in after.items():
-                    if wanted is None:
-                        ipt_pieces.pop(key, None)
-                    else:
-                        ipt_pieces[key] = render_ipt_port(renderer, wanted)
+                    share = render_ipt_port(renderer, wanted) if wanted is not None else None
+                    pairs.append((ipt_pieces.pop(key, None), share))
+                    if share is not None:
+                        ipt_pieces[key] = share
             if self.nft and after:
                 # a port's share as loaded is its old plan rendered again: the same text
                 renderer = self._renderers[family]
@@ -155,15 +162,19 @@ class NodeRules:
         self._changed = (before_all, after_all)
         if not self.nft:
             plans = self.plans()
-            texts = {}
+            if any(plan.family not in self._ipt_rest for plan in plans):
+                self.load(loader)  # nothing loaded yet (or not known): everything
+                return None
+            scripts = {}
             for plan in plans:
-                by_key = self._ipt_pieces[plan.family]
-                ordered = [by_key[p.key] for p in plan.ports]
-                texts[plan.family] = render_ipt_rules(plan, ordered, insert_jumps=())
-            written = loader.partial(plans, texts)
-            if written is None:
-                self.load(loader)
-            return written
+                rest = _ipt_rest(plan)
+                scripts[plan.family] = iptables_change(
+                    ipt_shares.get(plan.family, ()),
+                    (self._ipt_rest[plan.family], rest),
+                    partial(_ipt_rules, plan, self._ipt_pieces[plan.family]),
+                )
+                self._ipt_rest[plan.family] = rest
+            return loader.change_ipt(scripts)
         text = "".join(script)
         if text:
             loader.change_nft(text, cached=cached)
@@ -182,3 +193,13 @@ class NodeRules:
         let go (after a full load, the old ones would otherwise stay alive beside the new)."""
         changed, self._changed = self._changed, (None, [])
         return changed
+
+
+def _ipt_rules(plan: FamilyPlan, pieces: Mapping[str, IptPort]) -> str:
+    """The iptables rules of ``plan`` assembled from its ports' kept shares."""
+    return render_ipt_rules(plan, [pieces[p.key] for p in plan.ports], insert_jumps=())
+
+
+def _ipt_rest(plan: FamilyPlan) -> str:
+    """The iptables rules of ``plan`` without any port's share: the shared chains' own rules."""
+    return render_ipt_rules(plan, [], insert_jumps=())

@@ -36,7 +36,6 @@ from kpgen.dataplane.kernel import (
 )
 from kpgen.dataplane.lock import writer_lock
 from kpgen.dataplane.run import LOAD_TIMEOUT, DataplaneError, failure, run, which
-from kpgen.render.delta import iptables_delta
 from kpgen.render.text import IPTABLES_JUMPS, IptablesJump, render_plan
 
 IPTABLES_TABLES = ("nat", "filter")
@@ -281,17 +280,15 @@ def trim_memory() -> None:
 
 
 class RuleLoader:
-    """Loads a node's rules again and again, as the controller does. nftables: whole tables
-    (:meth:`load_nft`) or transactions that change some service ports (:meth:`change_nft`,
-    kpgen.render.delta); it remembers nf_tables' generation after its last write, so that a
-    full sync can tell whether anyone wrote since (:meth:`changed_since_written`). iptables:
-    it keeps what it loaded last, so that the next load can rewrite only the chains that
-    changed (:meth:`partial`)."""
+    """Loads a node's rules again and again, as the controller does: whole (:meth:`load_nft`,
+    :meth:`full`), or the changes of some service ports (:meth:`change_nft`,
+    :meth:`change_ipt`; kpgen.render.delta). It remembers nf_tables' generation after its
+    last write, so that a full sync can tell whether anyone wrote since
+    (:meth:`changed_since_written`)."""
 
     def __init__(self, mode: ProxyMode, iptables_variant: str = "auto") -> None:
         self.mode = mode
         self.iptables_variant = iptables_variant
-        self.loaded: dict[IPFamily, str] | None = None
         self._nft: Nftables | None = None
         self.written: Generation | None = None  # nf_tables' generation after the last write
         self._netlink = NfNetlink()
@@ -332,12 +329,8 @@ class RuleLoader:
                     self._nft = None
             self._wrote()
 
-    def _texts(self, plans: Sequence[FamilyPlan]) -> dict[IPFamily, str]:
-        return {p.family: render_plan(p, self.mode, insert_jumps=()) for p in plans}
-
     def full(self, plans: Sequence[FamilyPlan]) -> str:
         """Load everything (and remove the other mode's rules); returns a summary."""
-        self.loaded = None  # if this fails, the kernel's state is unknown: the next is full
         self.written = None
         try:
             applied = apply_plans(plans, self.mode, iptables_variant=self.iptables_variant)
@@ -345,28 +338,18 @@ class RuleLoader:
             trim_memory()
         if applied.iptables_variant is not None:
             self.iptables_variant = applied.iptables_variant
-        self.loaded = self._texts(plans)
         self._wrote()
         return applied.summary
 
-    def partial(
-        self, plans: Sequence[FamilyPlan], texts: Mapping[IPFamily, str] | None = None
-    ) -> int | None:
-        """iptables: load only the chains that changed since the last load: the number of
-        lines written (0: nothing changed), or None when the change needs a full load.
-        ``texts``: the plans' rules without the jumps from built-in chains, rendered already."""
-        if self.loaded is None or set(self.loaded) != {p.family for p in plans}:
-            return None
-        wanted = dict(texts) if texts is not None else self._texts(plans)
-        scripts = {f: iptables_delta(self.loaded[f], text) for f, text in wanted.items()}
+    def change_ipt(self, scripts: Mapping[IPFamily, str]) -> int:
+        """iptables: restore what a change rewrites (kpgen.render.delta.iptables_change), one
+        ``iptables-restore --noflush`` per family; returns the lines written."""
         written = sum(script.count("\n") for script in scripts.values())
         if written:
-            self.loaded = None
             self.written = None
             with writer_lock():
                 for family, script in scripts.items():
                     if script:
                         Iptables(self.iptables_variant, family).restore(script)
                 self._wrote()
-        self.loaded = wanted
         return written

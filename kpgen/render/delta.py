@@ -13,7 +13,8 @@ endpoint's hairpin element, which nothing else needs, waits until a transaction 
 that copy anyway (or the next full sync). The ports' chains are in shard tables
 (kpgen.core.names.NFT_SHARDS): a change makes the kernel check only the tables it touches.
 
-iptables: :func:`iptables_delta` compares two renderings and rewrites the chains that differ.
+iptables: :func:`iptables_change` rewrites the chains of the changed ports' shares
+(kpgen.render.text.IptPort) and, where a port's lines in them changed, the shared chains.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kpgen.core.names import NFT_TABLE, nft_shard_table
-from kpgen.render.text import NFT_SHARD_CONTAINERS, NFT_SHARED, NftPort
+from kpgen.render.text import NFT_SHARD_CONTAINERS, NFT_SHARED, IptPort, NftPort
 
 # elements whose deletion may wait: an endpoint's hairpin element (nothing else needs it gone),
 # and a dispatch element of a port that is gone (its chain is flushed at once: a packet that
@@ -272,20 +273,75 @@ def parse_iptables(text: str) -> dict[str, dict[str, list[str]]]:
     return tables
 
 
-def iptables_delta(loaded: str, wanted: str) -> str:
-    """iptables-restore --noflush input that rewrites only the chains whose rules changed and
-    deletes the chains that are gone. Empty when nothing changed."""
-    old, new = parse_iptables(loaded), parse_iptables(wanted)
+def _restore_input(
+    rewrite: Mapping[str, Mapping[str, list[str]]], gone: Mapping[str, set[str]]
+) -> str:
+    """iptables-restore --noflush input that rewrites chains whole (``rewrite``: table ->
+    chain -> its rules) and deletes chains (``gone``: table -> chains). Empty: nothing."""
     out = []
-    for table in new:
-        before, after = old.get(table, {}), new[table]
-        rewrite = [c for c in after if before.get(c) != after[c] or c not in before]
-        gone = [c for c in before if c not in after]
-        if not rewrite and not gone:
+    for table in sorted(rewrite.keys() | gone.keys()):
+        written, deleted = rewrite.get(table, {}), sorted(gone.get(table, ()))
+        if not written and not deleted:
             continue
         out.append(f"*{table}")
-        out += [f":{chain} - [0:0]" for chain in (*rewrite, *gone)]
-        out += [rule for chain in rewrite for rule in after[chain]]
-        out += [f"-X {chain}" for chain in gone]
+        out += [f":{chain} - [0:0]" for chain in (*written, *deleted)]
+        out += [rule for rules in written.values() for rule in rules]
+        out += [f"-X {chain}" for chain in deleted]
         out.append("COMMIT")
     return "".join(f"{line}\n" for line in out)
+
+
+def _taken_apart(share: IptPort | None) -> tuple[frozenset[str], dict[tuple[str, str], list[str]]]:
+    """A port's share of the iptables rules: the (nat) chains it declares, and its rules by
+    (table, chain), its own chains' and its lines in the shared ones."""
+    if share is None:
+        return frozenset(), {}
+    declared = share.chains.splitlines()
+    own = frozenset(line[1:].split(" ", 1)[0] for line in declared if line.startswith(":"))
+    rules: dict[tuple[str, str], list[str]] = {}
+    for table, text in (("nat", share.nat), ("filter", share.filter)):
+        for line in text.splitlines():
+            if line.startswith("-A "):
+                rules.setdefault((table, line.split(" ", 2)[1]), []).append(line)
+    return own, rules
+
+
+def iptables_change(
+    shares: Iterable[tuple[IptPort | None, IptPort | None]],
+    skeletons: tuple[str, str],
+    assemble: Callable[[], str],
+) -> str:
+    """iptables-restore --noflush input that replaces some ports' shares (before, after; None:
+    none) by new ones: it rewrites the ports' own chains that changed, deletes those that are
+    gone, and rewrites whole the shared chains (``KPGEN-SERVICES``, ...) where a port's lines
+    changed or the rest of the rules did (``skeletons``: the rules of no port at all, before
+    and after; their chains read from ``assemble()``, the whole rules after, only then). Empty
+    when nothing changed. What it costs grows with the change, not with the ruleset."""
+    rewrite: dict[str, dict[str, list[str]]] = {"nat": {}, "filter": {}}
+    gone: dict[str, set[str]] = {"nat": set()}
+    shared: set[tuple[str, str]] = set()
+    for before, after in shares:
+        old_own, old_rules = _taken_apart(before)
+        new_own, new_rules = _taken_apart(after)
+        for chain in new_own:
+            rules = new_rules.get(("nat", chain), [])
+            if chain not in old_own or old_rules.get(("nat", chain), []) != rules:
+                rewrite["nat"][chain] = rules
+        gone["nat"] |= old_own - new_own
+        for key in old_rules.keys() | new_rules.keys():
+            if key[1] not in old_own | new_own and old_rules.get(key) != new_rules.get(key):
+                shared.add(key)
+    old_rest, new_rest = (parse_iptables(text) for text in skeletons)
+    for table in old_rest.keys() | new_rest.keys():
+        old_chains, new_chains = old_rest.get(table, {}), new_rest.get(table, {})
+        for chain in old_chains.keys() | new_chains.keys():
+            if old_chains.get(chain) != new_chains.get(chain):
+                shared.add((table, chain))
+    if shared:
+        whole = parse_iptables(assemble())
+        for table, chain in shared:
+            if chain in whole.get(table, {}):
+                rewrite.setdefault(table, {})[chain] = whole[table][chain]
+            else:  # a chain of the rest that the rules no longer have
+                gone.setdefault(table, set()).add(chain)
+    return _restore_input(rewrite, gone)
