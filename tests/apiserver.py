@@ -313,6 +313,7 @@ class Request:
     query: dict[str, str]
     body: Any = None
     status: int | None = None
+    authorization: str | None = None  # the Authorization header, as sent
 
     @property
     def watch(self) -> bool:
@@ -499,13 +500,15 @@ class ApiServer:
         host, port = self._httpd.socket.getsockname()[:2]
         return f"http://{host}:{port}"
 
-    def kubeconfig(self, path: str | Path) -> Path:
-        """Write a kubeconfig for this server (no authentication) and return its path."""
+    def kubeconfig(self, path: str | Path, token: str | None = None) -> Path:
+        """Write a kubeconfig for this server and return its path: no authentication, or a
+        bearer ``token`` (which the server records, not checks)."""
+        user = {"token": token} if token else {}
         config = {
             "apiVersion": "v1",
             "kind": "Config",
             "clusters": [{"name": "kpgen-test", "cluster": {"server": self.url}}],
-            "users": [{"name": "kpgen-test", "user": {}}],
+            "users": [{"name": "kpgen-test", "user": user}],
             "contexts": [
                 {"name": "kpgen-test", "context": {"cluster": "kpgen-test", "user": "kpgen-test"}}
             ],
@@ -1123,7 +1126,8 @@ class _Handler(BaseHTTPRequestHandler):
                 body = json.loads(raw)
             except ValueError:
                 body = raw.decode("utf-8", "replace")
-        self.request_record = Request(method, split.path, query, body)
+        authorization = self.headers.get("Authorization")
+        self.request_record = Request(method, split.path, query, body, None, authorization)
         with api._cond:
             api._requests.append(self.request_record)
             fail = api._fail_count > 0 and (

@@ -136,6 +136,22 @@ def test_headless_and_other_proxies_services_are_left_out_by_the_server(
     assert "10.96.99.99" not in result.stdout
 
 
+def test_every_list_carries_the_kubeconfigs_bearer_token(server: ApiServer, tmp_path: Path) -> None:
+    """kpgen makes its list and watch requests through the client's ApiClient, not the
+    generated API classes: they must authenticate as those do (a service account's token)."""
+    server.set_objects([*seed_objects(), NODE])
+    with_token = str(server.kubeconfig(tmp_path / "token.kubeconfig", token="s3cr3t-t0ken"))
+    result = kpgen("render", "--kubeconfig", with_token, *NODE_FLAGS)
+    assert result.exit_code == 0, result.output
+    lists = {r.path: r.authorization for r in server.requests}
+    assert set(lists) == {
+        "/api/v1/services",
+        "/apis/discovery.k8s.io/v1/endpointslices",
+        "/api/v1/nodes",
+    }
+    assert set(lists.values()) == {"Bearer s3cr3t-t0ken"}
+
+
 def test_explain_reads_the_cluster_through_the_api(server: ApiServer, kubeconfig: str) -> None:
     server.set_objects([*seed_objects(), NODE])
     result = kpgen("explain", "--kubeconfig", kubeconfig, *NODE_FLAGS,

@@ -317,6 +317,9 @@ class Harness:
         assert not alive, f"informers still running after stop: {alive}"
 
 
+TOKEN = "informer-t0ken"  # the kubeconfig's bearer token, which every request must carry
+
+
 @pytest.fixture
 def server() -> Iterator[ApiServer]:
     # bookmarks only when a test sends them: the versions the informers resume from are then
@@ -328,7 +331,7 @@ def server() -> Iterator[ApiServer]:
 
 @pytest.fixture
 def api(server: ApiServer, tmp_path: Path) -> Iterator[Any]:
-    client = api_client(str(server.kubeconfig(tmp_path / "kubeconfig")), None)
+    client = api_client(str(server.kubeconfig(tmp_path / "kubeconfig", token=TOKEN)), None)
     yield client
     client.close()
 
@@ -378,6 +381,9 @@ def test_store_mirrors_creates_updates_and_deletes_after_the_first_lists(
     assert held(harness.store)[(NODE, "", NODE_NAME)]["metadata"]["labels"] == {"zone": "z1"}
     # one list each, then only watches
     assert [len(lists(server, kind)) for kind in PATHS] == [1, 1, 1]
+    # lists and watches authenticate as the generated API classes would
+    assert any(r.query.get("watch") == "true" for r in server.requests)
+    assert {r.authorization for r in server.requests} == {f"Bearer {TOKEN}"}
 
 
 # --- reconnecting -------------------------------------------------------------------------------
