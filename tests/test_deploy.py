@@ -542,6 +542,59 @@ def _watch_flag(call: ast.Call) -> bool | None:
     return False
 
 
+# A collection's path: /api/v1/RESOURCE (the core group) or /apis/GROUP/VERSION/RESOURCE.
+_COLLECTION = re.compile(r"^/(?:api/v1|apis/(?P<group>[^/]+)/[^/]+)/(?P<resource>[a-z]+)$")
+
+
+def _paths_of(
+    functions: list[ast.FunctionDef], path: ast.AST, tree: ast.AST, where: str
+) -> list[str]:
+    """The paths a ``resource_path=`` argument takes: a string, or a parameter of an enclosing
+    function (innermost first), which every call of that function gives as a string."""
+    if isinstance(path, ast.Constant) and isinstance(path.value, str):
+        return [path.value]
+    name = _terminal(path)
+    for function in functions:
+        params = [a.arg for a in function.args.args]
+        if name not in params:
+            continue
+        position, paths = params.index(name), []
+        for call in ast.walk(tree):
+            if isinstance(call, ast.Call) and _terminal(call.func) == function.name:
+                given = {k.arg: k.value for k in call.keywords}.get(name)
+                if given is None and position < len(call.args):
+                    given = call.args[position]
+                if not (isinstance(given, ast.Constant) and isinstance(given.value, str)):
+                    raise ScanError(f"{where}: a call of {function.name} gives {name} no string")
+                paths.append(given.value)
+        return paths
+    raise ScanError(f"{where}: resource_path is neither a string nor a parameter")
+
+
+def _requests_in(tree: ast.AST, filename: str) -> set[tuple[str, str, str]]:
+    """What kpgen's own requests (``ApiClient.param_serialize``) need: a GET of a collection is
+    a list or, when the caller adds ``watch=True`` (kpgen's informers do), a watch: both."""
+    found: set[tuple[str, str, str]] = set()
+    functions = [f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)]
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and _terminal(node.func) == "param_serialize"):
+            continue
+        where = f"{filename}:{node.lineno}"
+        given = {k.arg: k.value for k in node.keywords}
+        method = given.get("method")
+        if not (isinstance(method, ast.Constant) and method.value == "GET"):
+            raise ScanError(f"{where}: only GET requests are understood here")
+        enclosing = [f for f in functions if any(n is node for n in ast.walk(f))]
+        enclosing.sort(key=lambda f: -f.lineno)  # innermost first
+        for path in _paths_of(enclosing, given.get("resource_path", node), tree, where):
+            match = _COLLECTION.match(path)
+            if match is None:
+                raise ScanError(f"{where}: {path} is not a collection's path")
+            group = match["group"] or ""
+            found |= {(group, match["resource"], verb) for verb in ("list", "watch")}
+    return found
+
+
 def api_access_in_source(source: str, filename: str = "<source>") -> set[tuple[str, str, str]]:
     """The (API group, resource, verb) triples that kubernetes-client calls in `source` need.
 
@@ -581,7 +634,7 @@ def api_access_in_source(source: str, filename: str = "<source>") -> set[tuple[s
         else:
             verbs = {"list", "watch"}
         found |= {(group, resource, v) for v in verbs}
-    return found
+    return found | _requests_in(tree, filename)
 
 
 def _package_sources() -> Iterator[Path]:
@@ -641,6 +694,32 @@ def test_api_call_scanner_attributes_each_call_to_its_group_resource_and_verb() 
         ("events.k8s.io", "events", "create"),
         ("", "events", "patch"),
     }
+
+
+SAMPLE_REQUESTS = """
+def lister(api, path, **fixed):
+    def call(**kwargs):
+        request = api.param_serialize(method="GET", resource_path=path, query_params=[])
+        return api.call_api(*request)
+    return call
+
+def lists(api):
+    services = lister(api, "/api/v1/services")
+    return [services, lister(api, path="/apis/discovery.k8s.io/v1/endpointslices")]
+"""
+
+
+def test_api_call_scanner_reads_the_paths_of_kpgens_own_requests() -> None:
+    assert api_access_in_source(SAMPLE_REQUESTS) == {
+        ("", "services", "list"),
+        ("", "services", "watch"),
+        ("discovery.k8s.io", "endpointslices", "list"),
+        ("discovery.k8s.io", "endpointslices", "watch"),
+    }
+    with pytest.raises(ScanError, match="only GET"):
+        api_access_in_source(SAMPLE_REQUESTS.replace('method="GET"', 'method="POST"'))
+    with pytest.raises(ScanError, match="gives path no string"):
+        api_access_in_source(SAMPLE_REQUESTS + "lister(None, some_path)\n")
 
 
 def test_api_call_scanner_sees_writes_and_subresources() -> None:
