@@ -464,7 +464,7 @@ class Informer(threading.Thread):
 
 
 # The query parameters of a list or watch, as the API spells them, by the keyword arguments
-# the client's Watch and list_pages pass (those starting with "_" go to the request itself).
+# the client's Watch and list_pages pass (named as the generated list methods name them).
 _QUERY = {
     "allow_watch_bookmarks": "allowWatchBookmarks",
     "_continue": "continue",
@@ -485,6 +485,7 @@ def _lister(api: Any, path: str, **fixed: Any) -> Callable[..., Any]:
     for two calls whose answers kpgen reads as JSON anyway."""
     from kubernetes.client.exceptions import ApiException
 
+    # _preload_content: Watch and list_pages both pass False; the raw response is all there is
     def call(_request_timeout: Any = None, _preload_content: bool = False, **kwargs: Any) -> Any:
         query = [(_QUERY[key], value) for key, value in {**fixed, **kwargs}.items()]
         request = api.param_serialize(

@@ -279,7 +279,7 @@ def _restore_input(
     """iptables-restore --noflush input that rewrites chains whole (``rewrite``: table ->
     chain -> its rules) and deletes chains (``gone``: table -> chains). Empty: nothing."""
     out = []
-    for table in sorted(rewrite.keys() | gone.keys()):
+    for table in dict.fromkeys([*rewrite, *gone]):  # in the order given: nat, then filter
         written, deleted = rewrite.get(table, {}), sorted(gone.get(table, ()))
         if not written and not deleted:
             continue
