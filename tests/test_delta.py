@@ -32,7 +32,7 @@ from kpgen.core.names import ipt_chain, nft_shard, nft_shard_table
 from kpgen.core.node import NodeFlags, ProxyMode, node_config
 from kpgen.core.parse import parse_documents
 from kpgen.core.plan import FamilyPlan, build_plans
-from kpgen.render.delta import NftLoaded, iptables_change, parse_iptables
+from kpgen.render.delta import NftLoaded, iptables_chains, iptables_change, parse_iptables
 from kpgen.render.text import (
     NftPort,
     ipt_port_renderer,
@@ -310,8 +310,12 @@ def ipt_change_of(plan_a: FamilyPlan, plan_b: FamilyPlan) -> str:
         for plan in (plan_a, plan_b)
     ]
     pairs = [(shares[0].get(key), shares[1].get(key)) for key in shares[0].keys() | shares[1]]
-    rests = tuple(render_ipt_rules(plan, [], insert_jumps=()) for plan in (plan_a, plan_b))
-    return iptables_change(pairs, rests, lambda: render_plan(plan_b, IPT, insert_jumps=()))
+    rest_a, rest_b = (
+        iptables_chains(render_ipt_rules(plan, [], insert_jumps=())) for plan in (plan_a, plan_b)
+    )
+    return iptables_change(
+        pairs, (rest_a, rest_b), lambda: render_plan(plan_b, IPT, insert_jumps=())
+    )
 
 
 def ipt_change(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> str:

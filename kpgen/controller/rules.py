@@ -16,7 +16,7 @@ from kpgen.core.model import IPFamily, ObjectRef
 from kpgen.core.node import NodeConfig, ProxyMode
 from kpgen.core.plan import FamilyPlan, PortPlan, family_plan
 from kpgen.dataplane.apply import RuleLoader
-from kpgen.render.delta import NftLoaded, iptables_change
+from kpgen.render.delta import Chains, NftLoaded, iptables_chains, iptables_change
 from kpgen.render.text import (
     IptPort,
     NftPort,
@@ -38,8 +38,9 @@ class NodeRules:
         self._keys_of: dict[IPFamily, dict[ObjectRef, tuple[str, ...]]] = {}
         self._renderers: dict[IPFamily, Any] = {}
         self._ipt_pieces: dict[IPFamily, dict[str, IptPort]] = {}
-        # iptables: the rules of no port at all as loaded last (the shared chains' own rules)
-        self._ipt_rest: dict[IPFamily, str] = {}
+        # iptables: the chains of the rules of no port at all as loaded last (the shared
+        # chains' own rules)
+        self._ipt_rest: dict[IPFamily, Chains] = {}
         self._loaded: dict[IPFamily, NftLoaded] = {}
         # the ports the last sync changed (before, after), for stale UDP conntrack entries
         self._changed: tuple[list[FamilyPlan] | None, list[FamilyPlan]] = (None, [])
@@ -200,6 +201,7 @@ def _ipt_rules(plan: FamilyPlan, pieces: Mapping[str, IptPort]) -> str:
     return render_ipt_rules(plan, [pieces[p.key] for p in plan.ports], insert_jumps=())
 
 
-def _ipt_rest(plan: FamilyPlan) -> str:
-    """The iptables rules of ``plan`` without any port's share: the shared chains' own rules."""
-    return render_ipt_rules(plan, [], insert_jumps=())
+def _ipt_rest(plan: FamilyPlan) -> Chains:
+    """The chains of ``plan``'s iptables rules without any port's share: the shared chains'
+    own rules."""
+    return iptables_chains(render_ipt_rules(plan, [], insert_jumps=()))

@@ -291,35 +291,46 @@ def _restore_input(
     return "".join(f"{line}\n" for line in out)
 
 
-def _taken_apart(share: IptPort | None) -> tuple[frozenset[str], dict[tuple[str, str], list[str]]]:
+Chains = dict[tuple[str, str], list[str]]  # (table, chain) -> its rules
+
+
+def iptables_chains(text: str) -> Chains:
+    """iptables-restore input's chains (declared or given rules) and their rules, by (table,
+    chain): :func:`parse_iptables`, flat."""
+    tables = parse_iptables(text)
+    return {
+        (table, chain): rules for table, chains in tables.items() for chain, rules in chains.items()
+    }
+
+
+def _differing(old: Chains, new: Chains) -> set[tuple[str, str]]:
+    return {key for key in old.keys() | new.keys() if old.get(key) != new.get(key)}
+
+
+def _taken_apart(share: IptPort | None) -> tuple[frozenset[str], Chains]:
     """A port's share of the iptables rules: the (nat) chains it declares, and its rules by
     (table, chain), its own chains' and its lines in the shared ones."""
     if share is None:
         return frozenset(), {}
-    declared = share.chains.splitlines()
-    own = frozenset(line[1:].split(" ", 1)[0] for line in declared if line.startswith(":"))
-    rules: dict[tuple[str, str], list[str]] = {}
-    for table, text in (("nat", share.nat), ("filter", share.filter)):
-        for line in text.splitlines():
-            if line.startswith("-A "):
-                rules.setdefault((table, line.split(" ", 2)[1]), []).append(line)
-    return own, rules
+    own = frozenset(chain for _, chain in iptables_chains(f"*nat\n{share.chains}"))
+    return own, iptables_chains("\n".join(("*nat", share.nat, "*filter", share.filter)))
 
 
 def iptables_change(
     shares: Iterable[tuple[IptPort | None, IptPort | None]],
-    skeletons: tuple[str, str],
+    rests: tuple[Chains, Chains],
     assemble: Callable[[], str],
 ) -> str:
     """iptables-restore --noflush input that replaces some ports' shares (before, after; None:
     none) by new ones: it rewrites the ports' own chains that changed, deletes those that are
     gone, and rewrites whole the shared chains (``KPGEN-SERVICES``, ...) where a port's lines
-    changed or the rest of the rules did (``skeletons``: the rules of no port at all, before
-    and after; their chains read from ``assemble()``, the whole rules after, only then). Empty
-    when nothing changed. What it costs grows with the change, not with the ruleset."""
+    changed or the rest of the rules did (``rests``: the chains of the rules of no port at all,
+    :func:`iptables_chains`, before and after; their rules read from ``assemble()``, the whole
+    rules after, only then). Empty when nothing changed. What it costs grows with the change,
+    not with the ruleset."""
     rewrite: dict[str, dict[str, list[str]]] = {"nat": {}, "filter": {}}
     gone: dict[str, set[str]] = {"nat": set()}
-    shared: set[tuple[str, str]] = set()
+    shared = _differing(*rests)
     for before, after in shares:
         old_own, old_rules = _taken_apart(before)
         new_own, new_rules = _taken_apart(after)
@@ -328,20 +339,12 @@ def iptables_change(
             if chain not in old_own or old_rules.get(("nat", chain), []) != rules:
                 rewrite["nat"][chain] = rules
         gone["nat"] |= old_own - new_own
-        for key in old_rules.keys() | new_rules.keys():
-            if key[1] not in old_own | new_own and old_rules.get(key) != new_rules.get(key):
-                shared.add(key)
-    old_rest, new_rest = (parse_iptables(text) for text in skeletons)
-    for table in old_rest.keys() | new_rest.keys():
-        old_chains, new_chains = old_rest.get(table, {}), new_rest.get(table, {})
-        for chain in old_chains.keys() | new_chains.keys():
-            if old_chains.get(chain) != new_chains.get(chain):
-                shared.add((table, chain))
+        shared |= {k for k in _differing(old_rules, new_rules) if k[1] not in old_own | new_own}
     if shared:
-        whole = parse_iptables(assemble())
+        whole = iptables_chains(assemble())
         for table, chain in shared:
-            if chain in whole.get(table, {}):
-                rewrite.setdefault(table, {})[chain] = whole[table][chain]
+            if (table, chain) in whole:
+                rewrite.setdefault(table, {})[chain] = whole[(table, chain)]
             else:  # a chain of the rest that the rules no longer have
                 gone.setdefault(table, set()).add(chain)
     return _restore_input(rewrite, gone)
