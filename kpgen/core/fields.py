@@ -89,6 +89,11 @@ def parse_port(value: Any, low: int = 1) -> int:
     return value
 
 
+def is_name(text: str, pattern: re.Pattern[str] = DNS1123_LABEL, limit: int = LABEL_MAX) -> bool:
+    """Whether ``text`` is a Kubernetes name of ``pattern``'s kind, at most ``limit`` long."""
+    return len(text) <= limit and pattern.match(text) is not None
+
+
 class Field:
     """One value of a decoded manifest and the path it was found at (spelled out only for a
     message: a field keeps its parent and its key)."""
@@ -176,7 +181,7 @@ class Field:
     def name(self, pattern: re.Pattern[str] = DNS1123_LABEL, limit: int = LABEL_MAX) -> str:
         """A Kubernetes name, checked against ``pattern`` (a DNS label by default)."""
         text = self.string()
-        if len(text) > limit or not pattern.match(text):
+        if not is_name(text, pattern, limit):
             kind = {
                 DNS1035_LABEL.pattern: "an RFC 1035 label",
                 DNS1123_SUBDOMAIN.pattern: "an RFC 1123 subdomain",

@@ -21,6 +21,7 @@ from kpgen.core.fields import (
     SUBDOMAIN_MAX,
     Field,
     Invalid,
+    is_name,
     parse_ip,
     printable,
 )
@@ -305,9 +306,7 @@ def _endpoint(entry: Field, family: IPFamily, beta: bool) -> Endpoint:
 @functools.lru_cache(maxsize=4096)
 def _node_name(text: str) -> str | None:
     """A valid node name, interned (thousands of endpoints name the same few nodes), or None."""
-    if len(text) > SUBDOMAIN_MAX or not DNS1123_SUBDOMAIN.match(text):
-        return None
-    return sys.intern(text)
+    return sys.intern(text) if is_name(text, DNS1123_SUBDOMAIN, SUBDOMAIN_MAX) else None
 
 
 def _plain_endpoint(raw: Any, family: IPFamily) -> Endpoint | None:
