@@ -18,7 +18,8 @@ slice is deleted again before the next change.
     .venv/bin/python bench/sync_bench.py --packets --sizes 10000,50000
 
 With ``--process`` (implies ``--packets``), ``kpgen run`` runs as its own process, as on a
-node: "first sync" is then from its start until the last service answers, and the RSS is
+node: "first sync" is then from its start until the last service answers, and the last of
+every shard table (a node's first load fills its tables side by side), and the RSS is
 kpgen's own, after the first sync and after all the changes (each change is an API event of
 its own, and its deletion another).
 
@@ -271,6 +272,8 @@ def measure_process(services: int, endpoints: int, changes: int, mode: str) -> d
     """``kpgen run`` as a process against the test API server; a client sees each change."""
     from apiserver import ApiServer
 
+    from kpgen.core import names
+
     with ApiServer(bookmark_interval=30.0) as server:
         server.set_objects(cluster(services, endpoints))
         kubeconfig = server.kubeconfig(Path(f"/tmp/{NAMESPACE}.kubeconfig"))
@@ -283,10 +286,13 @@ def measure_process(services: int, endpoints: int, changes: int, mode: str) -> d
         started = time.monotonic()
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         try:
-            last = cluster_ip(services - 1)
-            while not refused(last):
-                if proc.poll() is not None or time.monotonic() - started > 600:
-                    raise SystemExit(f"kpgen run never served svc-{services - 1}")
+            # the last service, and the last of every shard table (a first load fills the
+            # tables side by side): every service answers once these do
+            waiting = {names.nft_shard(f"default/svc-{i}"): i for i in range(services)}
+            for i in sorted(waiting.values(), reverse=True):
+                while not refused(cluster_ip(i)):
+                    if proc.poll() is not None or time.monotonic() - started > 600:
+                        raise SystemExit(f"kpgen run never served svc-{i}")
             first = time.monotonic() - started
             # the rules are in the kernel before the first sync ends (it then gives memory
             # back and logs): the changes are measured from its end, not from within its tail

@@ -206,6 +206,50 @@ def test_a_rejected_load_names_the_line_and_leaves_the_previous_rules(ns: str, v
     assert nft_ruleset(ns) == before
 
 
+CREATED = textwrap.dedent(
+    """
+    import sys
+    from kpgen.dataplane.apply import ApplyError, Nftables
+    from kpgen.dataplane.kernel import NfNetlink
+    from kpgen.core.model import IPFamily
+    table = "table ip {} {{\\n\\tcomment \\"made by a test\\"\\n\\tchain a {{\\n\\t\\t{}\\n\\t}}\\n}}\\n"
+    good = "".join(table.format(f"kpgen-{n:02d}", "counter") for n in range(8))
+    bad = good + table.format("kpgen-08", "jump no-such-chain")
+    nft = Nftables(use_binding=sys.argv[1] == "binding")
+    try:
+        nft.apply({IPFamily.V4: bad})
+    except ApplyError as error:
+        print(error)
+    print("after the refusal:", sorted(nft.tables()))
+    nft.apply({IPFamily.V4: good})
+    print("created:", len(nft.tables()))
+    before = NfNetlink().generation().id
+    nft.apply({IPFamily.V4: good.replace("counter", "accept")})
+    print("transactions to replace them:", NfNetlink().generation().id - before)
+    """
+)
+
+
+@pytest.mark.parametrize("via", ["binding", "nft"])
+def test_a_first_load_creates_the_tables_at_once_all_or_nothing(ns: str, via: str) -> None:
+    """Where none of kpgen's tables exists, they are filled in transactions of their own, at
+    once: a refused one takes the others with it, and tables that exist are replaced in one
+    transaction (the kernel's generation moves once)."""
+    result = run_in(ns, sys.executable, "-c", CREATED, via)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "Could not process rule" in lines[0]
+    assert re.search(r"^>\s+\d+ \| \t\tjump no-such-chain$", result.stdout, re.M)
+    assert lines[-3:] == [
+        "after the refusal: []",
+        "created: 8",
+        "transactions to replace them: 1",
+    ]
+    listed = nft_ruleset(ns)
+    assert listed.count('comment "made by a test"') == 8
+    assert re.findall(r"^table ip (\S+)", listed, re.M) == [f"kpgen-{n:02d}" for n in range(8)]
+
+
 def test_with_context_shows_the_named_line_and_its_neighbours() -> None:
     text = "".join(f"line {n}\n" for n in range(1, 11))
     shown = with_context("rules:6:1-4: Error: bad\n", text)

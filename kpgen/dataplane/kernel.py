@@ -161,11 +161,16 @@ class Nft:
             }
         return {f"{family} {name}" for family, name in found if is_nft_table(name)}
 
-    def objects(self, family: IPFamily) -> dict[str, dict[str, str]]:
+    def objects(
+        self, family: IPFamily, tables: set[str] | None = None
+    ) -> dict[str, dict[str, str]]:
         """The chains, sets and maps in kpgen's tables of ``family`` now: table -> name ->
-        kind (every kpgen table of the family is listed, empty ones too)."""
+        kind (every kpgen table of the family is listed, empty ones too). ``tables``: what
+        :meth:`tables` answered, when the caller has asked already."""
         found: dict[str, dict[str, str]] = {
-            name.split()[1]: {} for name in self.tables() if name.split()[0] == family.nft_family
+            name.split()[1]: {}
+            for name in (self.tables() if tables is None else tables)
+            if name.split()[0] == family.nft_family
         }
         for kind in ("chain", "set", "map"):
             for item in self.json(f"list {kind}s {family.nft_family}", terse=True):
