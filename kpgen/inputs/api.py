@@ -89,21 +89,28 @@ class Snapshot:
     first_change: float | None = None  # wall time of the oldest change in it
 
 
-def digest(obj: dict[str, Any]) -> bytes:
-    """What the store keeps of an object: 16 bytes that differ when it does (BLAKE2b of its
-    canonical JSON). The objects themselves live on parsed in kpgen.core.index."""
+def version(obj: dict[str, Any]) -> str | bytes:
+    """What the store keeps of an object, to tell whether it changed: its resourceVersion,
+    which the API server moves on at every write of it (the objects themselves live on
+    parsed in kpgen.core.index); for an object without one, 16 bytes that differ when it
+    does (BLAKE2b of its canonical JSON: 6 us an object, 0.13 s for a first list of 10,000
+    services and their slices, where the resourceVersion is free)."""
+    stamp = (obj.get("metadata") or {}).get("resourceVersion")
+    if isinstance(stamp, str) and stamp:
+        return stamp
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.blake2b(text.encode(), digest_size=16).digest()
 
 
 class Store:
-    """What is known of each kind's objects (a digest of each, by namespace and name),
+    """What is known of each kind's objects (the :func:`version` of each, by namespace and
+    name),
     thread-safe, with what changed since the last :meth:`take`: the objects themselves.
     ``on_change`` is called (outside the lock) after every change."""
 
     def __init__(self, kinds: Iterable[str], on_change: Callable[[], None] = lambda: None):
         self._cond = threading.Condition()
-        self._digests: dict[str, dict[tuple[str, str], bytes]] = {k: {} for k in kinds}
+        self._versions: dict[str, dict[tuple[str, str], str | bytes]] = {k: {} for k in kinds}
         self._synced: set[str] = set()
         self._on_change = on_change
         self._changes = Snapshot()
@@ -134,13 +141,13 @@ class Store:
     def replace(self, kind: str, objects: list[dict[str, Any]]) -> None:
         """The complete list of ``kind`` (after a list): differences count as changes."""
         fresh = {_key(o): typed(kind, o) for o in objects}
-        digests = {key: digest(obj) for key, obj in fresh.items()}
+        versions = {key: version(obj) for key, obj in fresh.items()}
         with self._cond:
-            old = self._digests[kind]
+            old = self._versions[kind]
             for key in old.keys() | fresh.keys():
-                if old.get(key) != digests.get(key):
+                if old.get(key) != versions.get(key):
                     self._note(kind, key, fresh.get(key), deleted=key not in fresh)
-            self._digests[kind] = digests
+            self._versions[kind] = versions
             notify = kind not in self._synced or self._changes.first_change is not None
             self._synced.add(kind)
             self._cond.notify_all()
@@ -152,15 +159,15 @@ class Store:
         key = _key(obj)
         entry = typed(kind, obj) if event != "DELETED" else None
         with self._cond:
-            digests = self._digests[kind]
+            versions = self._versions[kind]
             if entry is None:
-                if digests.pop(key, None) is None:
+                if versions.pop(key, None) is None:
                     return
             else:
-                new = digest(entry)
-                if digests.get(key) == new:
+                new = version(entry)
+                if versions.get(key) == new:
                     return
-                digests[key] = new
+                versions[key] = new
             self._note(kind, key, entry, deleted=entry is None)
             self._cond.notify_all()
         self._on_change()
@@ -168,7 +175,7 @@ class Store:
     @property
     def synced(self) -> bool:
         with self._cond:
-            return self._synced == set(self._digests)
+            return self._synced == set(self._versions)
 
     def pending(self) -> bool:
         with self._cond:
@@ -196,7 +203,7 @@ class Store:
     def count(self) -> int:
         """How many objects are known, of every kind."""
         with self._cond:
-            return sum(len(digests) for digests in self._digests.values())
+            return sum(len(versions) for versions in self._versions.values())
 
     def take(self) -> Snapshot:
         """The changes since the last take: each changed object whole (None: deleted)."""
