@@ -212,7 +212,8 @@ CREATED = textwrap.dedent(
     from kpgen.dataplane.apply import ApplyError, Nftables
     from kpgen.dataplane.kernel import NfNetlink
     from kpgen.core.model import IPFamily
-    table = "table ip {} {{\\n\\tcomment \\"made by a test\\"\\n\\tchain a {{\\n\\t\\t{}\\n\\t}}\\n}}\\n"
+    table = "table ip {} {{\\n\\tcomment \\"made by a test\\"\\n"
+    table += "\\tchain a {{\\n\\t\\t{}\\n\\t}}\\n}}\\n"
     good = "".join(table.format(f"kpgen-{n:02d}", "counter") for n in range(8))
     bad = good + table.format("kpgen-08", "jump no-such-chain")
     nft = Nftables(use_binding=sys.argv[1] == "binding")

@@ -29,6 +29,7 @@ import kernel
 import pytest
 import yaml
 from builders import endpoint, endpoint_slice, service
+from polling import wait_until
 from prometheus_client import generate_latest
 
 from kpgen.controller.daemon import RunSettings
@@ -245,6 +246,32 @@ def test_nothing_is_written_before_every_kind_has_been_listed(
     assert run.loader.kinds() == []
     run.store.replace(NODE, [])
     assert run.loader.wait_calls(1) == ["full"]
+
+
+def test_the_first_lists_are_parsed_as_their_pages_come_and_written_once_all_are_complete(
+    start: Callable[..., Running],
+) -> None:
+    run = start()
+    web_service, web_slice = web("10.244.0.1")
+    bad = service("bad", cluster_ip="10.96.0.11")
+    bad["spec"]["ports"][0]["port"] = 70000
+    services: set[tuple[str, str]] = set()
+    run.store.preview(SERVICE, services, [web_service, bad])
+    run.store.preview(SLICE, set(), [web_slice])  # a first list that is not complete yet
+    index = run.controller.rules.index
+    wait_until("the pages parsed ahead", lambda: len(index.services) == 1, WAIT)
+    assert ("default", "web") in {(ref.namespace, ref.name) for ref in index.services}
+    wait_until("the warning", lambda: any("70000" in r.getMessage() for r in run.log.records), WAIT)
+    time.sleep(0.2)
+    assert run.loader.kinds() == []  # nothing written before every kind is listed
+    run.store.previewed(SERVICE, services)
+    run.store.replace(SLICE, [web_slice])
+    run.store.replace(NODE, [])
+    assert run.loader.wait_calls(1) == ["full"]
+    assert run.settle(1)[0].startswith(
+        "sync: full, 2 service and 1 endpoint changes, 1 service ports"
+    )
+    assert [str(p.cluster_ip) for p in run.loader.loaded[0].ports] == ["10.96.0.10"]
 
 
 def test_the_first_sync_is_full_and_later_changes_are_partial(

@@ -608,3 +608,30 @@ def test_the_store_tells_versions_apart_by_resource_version_or_else_by_content()
     assert changed() == {"a", "b"}
     store.replace(SERVICE, [service("a", "11", 80), service("b", None, 81)])
     assert changed() == set()
+
+
+def test_a_first_list_is_handed_out_a_page_at_a_time_and_completed_as_a_whole() -> None:
+    """The pages of a kind's first list are changes as they come (the controller parses them
+    while the rest arrives) though the store is not synced; once the list is complete, what
+    an earlier, failed first list had brought and this one did not list is deleted."""
+    store = Store([SERVICE, SLICE])
+
+    def service(name: str, version: str) -> dict[str, Any]:
+        return {"metadata": {"name": name, "namespace": "default", "resourceVersion": version}}
+
+    failed: set[tuple[str, str]] = set()  # a first list that broke off after one page
+    store.preview(SERVICE, failed, [service("a", "1"), service("gone", "1")])
+    assert set(store.take_objects()) == {(SERVICE, "default", "a"), (SERVICE, "default", "gone")}
+    seen: set[tuple[str, str]] = set()  # the list again, in two pages
+    store.preview(SERVICE, seen, [service("a", "1")])
+    store.preview(SERVICE, seen, [service("b", "1")])
+    assert not store.synced and store.objects_waiting()
+    assert store.take_objects() == {(SERVICE, "default", "b"): typed(SERVICE, service("b", "1"))}
+    store.previewed(SERVICE, seen)
+    store.replace(SLICE, [])
+    assert store.synced
+    snapshot = store.take()
+    assert snapshot.changed == {(SERVICE, "default", "gone"): None}
+    assert snapshot.service_changes == 4  # a, gone, b, and gone's deletion: all counted once
+    store.replace(SERVICE, [service("a", "1"), service("b", "1")])  # a list again: no change
+    assert not store.pending()

@@ -10,12 +10,11 @@ makes the next sync a full one, after a backoff.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 from kpgen.controller.health import Health, Timing
 from kpgen.controller.healthcheck import ServiceHealthChecks
@@ -27,27 +26,6 @@ from kpgen.dataplane.apply import ApplyError, RuleLoader, trim_memory
 from kpgen.inputs.api import Backoff, Snapshot, Store
 
 log = logging.getLogger("kpgen.controller")  # the log name users filter on, kept
-
-
-@contextlib.contextmanager
-def _collector_paused(pause: bool) -> Iterator[None]:
-    """Keep the cyclic garbage collector off while a full sync builds the node's state anew
-    (``pause``), then collect once, after the rules are loaded. With it on, the first sync at
-    10,000 services walks the growing heap again and again, before the first rule is loaded
-    (0.4 s in process). The one full collection afterwards (0.2 s) is what makes the next
-    ones rare: Python collects everything again only once the objects that survived
-    collections since the last full one reach a quarter of those it kept (a collection of
-    the young generations only would leave the next partial sync to pay for the full one).
-    A partial sync allocates little and runs with the collector on."""
-    if not pause or not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
-        gc.collect()
 
 
 class Controller:
@@ -74,14 +52,40 @@ class Controller:
         # never a busy loop, even with --min-sync-period 0
         self.backoff = Backoff(initial=max(timing.min_sync_period, 0.1), cap=timing.sync_period)
         self.syncs = 0
+        self._collector_paused = False
 
     def sync(self, snapshot: Snapshot) -> None:
         """One sync of the rules to the store's objects (``snapshot``: the changes since the
         last one); raises an error (ApplyError when the kernel refused) with the previous
         rules in place."""
         started = time.monotonic()
-        with _collector_paused(self.need_full):
+        if self.need_full:
+            self._pause_collector()
+        try:
             self._sync(snapshot, started)
+        finally:
+            self._resume_collector()
+
+    def _pause_collector(self) -> None:
+        """Keep the cyclic garbage collector off while the node's state is built anew (the
+        first lists read ahead, a full sync), until :meth:`_resume_collector`. With it on,
+        the first sync at 10,000 services walks the growing heap again and again, before the
+        first rule is loaded (0.4 s in process). A partial sync allocates little and runs with
+        it on."""
+        if gc.isenabled():
+            gc.disable()
+            self._collector_paused = True
+
+    def _resume_collector(self) -> None:
+        """The collector on again, after one full collection (0.2 s at 10,000 services, after
+        the rules are loaded): that is what makes the next ones rare. Python collects
+        everything again only once the objects that survived collections since the last full
+        one reach a quarter of those it kept; collecting only the young generations would
+        leave the next partial sync to pay for the full one."""
+        if self._collector_paused:
+            self._collector_paused = False
+            gc.enable()
+            gc.collect()
 
     def _sync(self, snapshot: Snapshot, started: float) -> None:
         changes = self.rules.take(snapshot.changed)  # the snapshot's objects go as parsed
@@ -192,11 +196,37 @@ class Controller:
         self.metrics.service_changes_pending.set(services)
         self.metrics.endpoint_changes_pending.set(endpoints)
 
+    def _read_ahead(self, stop: threading.Event) -> None:
+        """Until every kind is listed once: parse what the lists brought so far into the
+        index (no rule is written before then: an empty view would black-hole the node), so
+        that the first sync finds most of the cluster parsed. At 10,000 services parsing
+        takes 0.5 s, in the time the API server takes to send the pages."""
+
+        def ready() -> bool:
+            return self.store.synced or self.store.objects_waiting()
+
+        while not stop.is_set() and not self.store.synced:
+            if self.store.wait(1.0, ready):
+                try:
+                    changes = self.rules.take(self.store.take_objects())
+                except Exception as error:  # a bug of ours: as in a sync, the loop stays
+                    log.error(
+                        "reading the first lists ahead failed: %s: %s", type(error).__name__, error
+                    )
+                    continue
+                for problem in changes.problems:
+                    log.warning("%s", problem)
+
     def run(self, stop: threading.Event) -> None:
         log.info("waiting for the first complete list of every kind before writing rules")
-        while not stop.is_set() and not self.store.wait(1.0, lambda: self.store.synced):
-            pass
+        self._pause_collector()
+        try:
+            self._read_ahead(stop)
+        except BaseException:
+            self._resume_collector()
+            raise
         if stop.is_set():
+            self._resume_collector()
             return
         log.info("initial lists complete")
         while not stop.is_set():

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -148,11 +149,48 @@ class Store:
                 if old.get(key) != versions.get(key):
                     self._note(kind, key, fresh.get(key), deleted=key not in fresh)
             self._versions[kind] = versions
-            notify = kind not in self._synced or self._changes.first_change is not None
-            self._synced.add(kind)
-            self._cond.notify_all()
+            notify = self._listed(kind)
         if notify:
             self._on_change()
+
+    def preview(self, kind: str, seen: set[tuple[str, str]], page: list[dict[str, Any]]) -> None:
+        """A page of the first list of ``kind``, before the list is complete: each object
+        whose version is new is a change at once, so that the controller can parse it while
+        the rest arrives (:meth:`take_objects`). ``seen``: the keys of this list so far, for
+        :meth:`previewed`."""
+        with self._cond:
+            versions = self._versions[kind]
+            for obj in page:
+                key, entry = _key(obj), typed(kind, obj)
+                seen.add(key)
+                new = version(entry)
+                if versions.get(key) != new:
+                    versions[key] = new
+                    self._note(kind, key, entry)
+            self._cond.notify_all()
+
+    def previewed(self, kind: str, seen: set[tuple[str, str]]) -> None:
+        """The first list of ``kind`` is complete, its pages seen by :meth:`preview` (keys
+        ``seen``): as :meth:`replace`, what it did not list (an earlier, failed list's) is gone."""
+        with self._cond:
+            versions = self._versions[kind]
+            for key in [key for key in versions if key not in seen]:
+                del versions[key]
+                self._note(kind, key, None, deleted=True)
+            notify = self._listed(kind)
+        if notify:
+            self._on_change()
+
+    def _listed(self, kind: str) -> bool:
+        """``kind`` listed (under the lock); whether to call ``on_change``."""
+        notify = kind not in self._synced or self._changes.first_change is not None
+        self._synced.add(kind)
+        self._cond.notify_all()
+        return notify
+
+    def listed_once(self, kind: str) -> bool:
+        with self._cond:
+            return kind in self._synced
 
     def apply(self, kind: str, event: str, obj: dict[str, Any]) -> None:
         """One watch event (ADDED, MODIFIED, DELETED)."""
@@ -205,6 +243,17 @@ class Store:
         with self._cond:
             return sum(len(versions) for versions in self._versions.values())
 
+    def objects_waiting(self) -> bool:
+        with self._cond:
+            return bool(self._changes.changed)
+
+    def take_objects(self) -> dict[tuple[str, str, str], dict[str, Any] | None]:
+        """The changed objects so far (as :meth:`take` would give them), leaving the rest of
+        the changes (their counts, their times) to the next :meth:`take`."""
+        with self._cond:
+            changed, self._changes.changed = self._changes.changed, {}
+        return changed
+
     def take(self) -> Snapshot:
         """The changes since the last take: each changed object whole (None: deleted)."""
         with self._cond:
@@ -256,9 +305,12 @@ class Gone(Exception):
 LIST_PAGE = 500  # items per list request, as client-go's pager asks
 
 
-def list_pages(call: Callable[..., Any]) -> tuple[list[dict[str, Any]], str]:
+def list_pages(
+    call: Callable[..., Any], on_page: Callable[[list[dict[str, Any]]], None] | None = None
+) -> tuple[list[dict[str, Any]], str]:
     """Every item of a list, a page at a time (``limit`` and ``continue``, as client-go's
-    pager), and the list's resourceVersion. An expired continue token (410) raises
+    pager), and the list's resourceVersion; with ``on_page``, each page's items go to it as
+    they come instead (none are returned). An expired continue token (410) raises
     ``ApiException``; the caller lists again."""
     import json
 
@@ -270,7 +322,11 @@ def list_pages(call: Callable[..., Any]) -> tuple[list[dict[str, Any]], str]:
             paging["_continue"] = token
         response = call(_preload_content=False, _request_timeout=(10, 60), **paging)
         body = json.loads(response.data)
-        items.extend(i for i in body.get("items") or [] if isinstance(i, dict))
+        page = [i for i in body.get("items") or [] if isinstance(i, dict)]
+        if on_page is not None:
+            on_page(page)
+        else:
+            items.extend(page)
         metadata = body.get("metadata") or {}
         token = metadata.get("continue")
         if not token:
@@ -401,11 +457,19 @@ class Informer(threading.Thread):
         self.stop.wait(delay)
 
     def _list(self) -> str:
-        items, version = list_pages(self.call)
-        self.trouble.worked()
-        self.store.replace(self.kind, items)
+        if self.store.listed_once(self.kind):  # compared whole, at its end
+            items, version = list_pages(self.call)
+            self.trouble.worked()
+            self.store.replace(self.kind, items)
+            count = len(items)
+        else:  # the first: a page at a time, for the controller to parse while the rest comes
+            seen: set[tuple[str, str]] = set()
+            _, version = list_pages(self.call, partial(self.store.preview, self.kind, seen))
+            self.trouble.worked()
+            self.store.previewed(self.kind, seen)
+            count = len(seen)
         self.backoff.reset()
-        log.debug("%s: listed %d at resourceVersion %s", self.kind, len(items), version)
+        log.debug("%s: listed %d at resourceVersion %s", self.kind, count, version)
         return version
 
     def _watch(self, version: str) -> None:
