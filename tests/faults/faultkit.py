@@ -248,6 +248,13 @@ class Cluster:
         answer = curl(self.lab, "gateway", f"http://{WORKER}:{CANARY_PORT}/whoami", max_time=2)
         return answer.body.split()[0] if answer.exit_code == 0 and answer.body else ""
 
+    def canary_pod(self, timeout: float = 10.0) -> str:
+        """The pod that answers the canary now. A first request can go unanswered (kpgen just
+        started): guessing "the other pod" from no answer would point the canary where it
+        points already, a change that makes no event."""
+        wait_until("the canary answers", lambda: self.canary_answer() != "", timeout)
+        return self.canary_answer()
+
     def wait_canary(self, pod: str, timeout: float) -> float:
         """Until the canary's NodePort on worker01 is answered by ``pod``, three times in a
         row; the seconds until the first of them."""
@@ -265,7 +272,7 @@ class Cluster:
 
     def flip_canary(self, timeout: float) -> float:
         """Move the canary to the other pod; the seconds until the traffic shows it."""
-        new = "pod2" if self.canary_answer() == "pod1" else "pod1"
+        new = "pod2" if self.canary_pod() == "pod1" else "pod1"
         self.canary(new)
         return self.wait_canary(new, timeout)
 

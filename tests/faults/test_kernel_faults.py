@@ -257,7 +257,7 @@ def test_a_transaction_the_kernel_refuses(cluster: Cluster, binding_kpgen: Kpgen
 def test_the_writer_lock_held_by_another_process(cluster: Cluster, kpgen: Kpgen) -> None:
     holder: list[subprocess.Popen[bytes]] = []
     lock = kpgen.env["KPGEN_LOCK_FILE"]
-    old = cluster.canary_answer()
+    old = cluster.canary_pod()
     new = "pod2" if old == "pod1" else "pod1"
 
     def inject() -> None:
@@ -287,7 +287,7 @@ def test_the_writer_lock_held_by_another_process(cluster: Cluster, kpgen: Kpgen)
 
 def test_the_loader_hanging(cluster: Cluster, kpgen: Kpgen) -> None:
     flag = cluster.logs / "hang"
-    old = cluster.canary_answer()
+    old = cluster.canary_pod()
     new = "pod2" if old == "pod1" else "pod1"
     try:
         through_kernel_fault(
@@ -308,7 +308,7 @@ def test_the_loader_missing(cluster: Cluster, kpgen: Kpgen, tools: Path) -> None
     hidden = [str(tools / name), str(Path(REAL[name]).resolve())]
     assert kpgen.process is not None
     pid = str(kpgen.process.pid)
-    old = cluster.canary_answer()
+    old = cluster.canary_pod()
     new = "pod2" if old == "pod1" else "pod1"
 
     def mount(*argv: str) -> None:
