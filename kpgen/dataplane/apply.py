@@ -150,8 +150,10 @@ class Nftables(Nft):
             for thread in threads:
                 thread.join()
         if failures:
-            self.run("".join(f"delete table {head[1]}\n" for head in heads if head))
-            raise failures[0]
+            try:
+                self.run("".join(f"delete table {head[1]}\n" for head in heads if head))
+            finally:  # the refusal, not a failed clean-up (which it then carries as context)
+                raise failures[0]
 
     def cleanup(self) -> list[str]:
         """Delete kpgen's tables; nothing else. Returns what was deleted."""
