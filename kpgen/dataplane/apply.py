@@ -59,8 +59,8 @@ def require_root() -> None:
 # --- nftables ---------------------------------------------------------------------------
 
 # libnftables contexts that create a node's tables at once (Nftables._create): two keep both
-# libnftables and the kernel busy (10,000 services: 1.9 s one after another, 0.96 s with two,
-# 1.1 s with three on this project's 2-core machines)
+# libnftables and the kernel busy (10,000 services: 1.9 s one after another, 1.0-1.1 s with
+# two, 1.1 s with three on this project's 2-core machines)
 CREATORS = 2
 
 
@@ -116,10 +116,11 @@ class Nftables(Nft):
         exists: first all of them empty, in their order, in one transaction; then each filled
         in a transaction of its own, :data:`CREATORS` at a time. libnftables turns one table's
         text into netlink messages while the kernel commits another's (the binding releases
-        the GIL), which halves a first load (10,000 services: 1.9 s in one transaction, 0.96 s
-        so). Nothing was there to replace, so no packet meets old rules mixed with new ones;
-        while it runs, a service answers once its table is filled. All or nothing still: if a
-        table is refused, all of them are deleted again and the first refusal is raised."""
+        the GIL), which nearly halves a first load (10,000 services: 1.9 s in one transaction,
+        1.0-1.1 s so). Nothing was there to replace, so no packet meets old rules mixed with
+        new ones; while it runs, a service answers once its table is filled. All or nothing
+        still: if a table is refused, all of them are deleted again and the first refusal is
+        raised."""
         heads = [_NFT_TABLE_HEAD.match(text) for text in tables]
         self.run("".join(f"{head[0]}}}\n" for head in heads if head))
         pending = list(reversed(tables))

@@ -105,9 +105,8 @@ def version(obj: dict[str, Any]) -> str | bytes:
 
 class Store:
     """What is known of each kind's objects (the :func:`version` of each, by namespace and
-    name),
-    thread-safe, with what changed since the last :meth:`take`: the objects themselves.
-    ``on_change`` is called (outside the lock) after every change."""
+    name), thread-safe, with what changed since the last :meth:`take`: the objects
+    themselves. ``on_change`` is called (outside the lock) after every change."""
 
     def __init__(self, kinds: Iterable[str], on_change: Callable[[], None] = lambda: None):
         self._cond = threading.Condition()
