@@ -12,6 +12,7 @@ from pathlib import Path
 import kernel
 import pytest
 
+import kpgen.dataplane.apply as kpgen_apply
 from kpgen.dataplane.kernel import with_context
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -251,6 +252,46 @@ def test_a_first_load_creates_the_tables_at_once_all_or_nothing(ns: str, via: st
     assert re.findall(r"^table ip (\S+)", listed, re.M) == [f"kpgen-{n:02d}" for n in range(8)]
 
 
+SLOW = textwrap.dedent(
+    """
+    import logging, sys
+    import kpgen.dataplane.apply as apply
+    apply.SLOW_IPTABLES_NFT = 0.0  # every iptables-nft load is slow, for this test
+    if sys.argv[1] == "run":  # as kpgen run loads: the advice is logged
+        from kpgen.core.node import NodeConfig, ProxyMode
+        from kpgen.core.plan import build_plans
+        from kpgen.core.parse import parse_documents
+        from kpgen.inputs.manifests import load_documents
+        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+        node = NodeConfig(hostname="k8s-worker01", mode=ProxyMode.IPTABLES)
+        state = parse_documents(load_documents([sys.argv[2]])).state
+        apply.RuleLoader(ProxyMode.IPTABLES, sys.argv[3]).full(build_plans(state, node))
+    else:
+        from kpgen.cli.main import main
+        main(sys.argv[2:], prog_name="kpgen")
+    """
+)
+
+
+def test_a_slow_iptables_nft_load_comes_with_advice(ns: str) -> None:
+    """iptables-nft-restore grows with the square of the rules (minutes at 10,000 services):
+    a slow load says so, and what to use instead; iptables-legacy's does not."""
+    apply = ["apply", "--proxy-mode", "iptables", "-f", SEED, *SEED_FLAGS]
+    result = run_in(ns, sys.executable, "-c", SLOW, "cli", *apply, "--iptables-backend", "nft")
+    assert result.returncode == 0, result.stderr
+    assert re.search(
+        r"^kpgen: warning: iptables-nft took 0 s to load the rules of 4 service ports, .*"
+        r"--proxy-mode nftables loads 10,000 in about 1 s",
+        result.stderr,
+        re.M,
+    ), result.stderr
+    ran = run_in(ns, sys.executable, "-c", SLOW, "run", SEED, "nft")
+    assert ran.returncode == 0, ran.stderr
+    assert "WARNING kpgen.dataplane: iptables-nft took 0 s" in ran.stderr
+    legacy = run_in(ns, sys.executable, "-c", SLOW, "run", SEED, "legacy")
+    assert legacy.returncode == 0 and legacy.stderr == "", legacy.stderr
+
+
 def test_with_context_shows_the_named_line_and_its_neighbours() -> None:
     text = "".join(f"line {n}\n" for n in range(1, 11))
     shown = with_context("rules:6:1-4: Error: bad\n", text)
@@ -262,3 +303,11 @@ def test_with_context_shows_the_named_line_and_its_neighbours() -> None:
         "      7 | line 7",
         "      8 | line 8",
     ]
+
+
+def test_advice_is_for_iptables_nft_loads_slower_than_the_threshold() -> None:
+    threshold = kpgen_apply.SLOW_IPTABLES_NFT
+    assert kpgen_apply.slow_load_advice("nft", threshold - 0.1, 10) is None
+    assert kpgen_apply.slow_load_advice("legacy", threshold * 20, 10) is None
+    advice = kpgen_apply.slow_load_advice("nft", threshold, 4000)
+    assert advice is not None and "4000 service ports" in advice

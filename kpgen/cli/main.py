@@ -353,6 +353,8 @@ def apply_command(
         click.echo(f"kpgen: the rules were not loaded: {error}", err=True)
         sys.exit(1)
     click.echo(f"kpgen: {applied.summary}", err=True)
+    if applied.advice:
+        click.echo(f"kpgen: warning: {applied.advice}", err=True)
 
 
 @main.command("cleanup")
