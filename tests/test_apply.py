@@ -311,3 +311,12 @@ def test_advice_is_for_iptables_nft_loads_slower_than_the_threshold() -> None:
     assert kpgen_apply.slow_load_advice("legacy", threshold * 20, 10) is None
     advice = kpgen_apply.slow_load_advice("nft", threshold, 4000)
     assert advice is not None and "4000 service ports" in advice
+
+
+def test_rendered_text_is_split_into_its_tables_or_not_at_all() -> None:
+    one = 'table ip kpgen {\n\tcomment "rules for kpgen"\n\tchain a {\n\t}\n}\n'
+    two = "table ip kpgen-03 {\n\tchain b {\n\t}\n}\n"
+    assert kpgen_apply._nft_tables(one + two) == [one, two]
+    # anything before the first table: loaded as it is, in one transaction
+    assert kpgen_apply._nft_tables("add table ip other\n" + one) == []
+    assert kpgen_apply._nft_tables("") == []

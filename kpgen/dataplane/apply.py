@@ -86,8 +86,9 @@ class Nftables(Nft):
         contexts at once (see :meth:`_create`).
         """
         existing_tables = self.tables()
-        if not existing_tables and not check:
-            self._create([table for text in tables.values() for table in _nft_tables(text)])
+        split = [_nft_tables(text) for text in tables.values()]
+        if not existing_tables and not check and all(split):
+            self._create([table for texts in split for table in texts])
             return
         script, after = [], []
         for family, text in tables.items():
@@ -168,8 +169,11 @@ class Nftables(Nft):
 
 
 def _nft_tables(text: str) -> list[str]:
-    """The tables of rendered nft text, a table's text each."""
+    """The tables of rendered nft text, a table's text each; none if the text holds anything
+    before its first table (it is then loaded as it is, in one transaction)."""
     starts = [match.start() for match in _NFT_TABLE_HEAD.finditer(text)]
+    if not starts or text[: starts[0]].strip():
+        return []
     return [text[a:b] for a, b in zip(starts, [*starts[1:], len(text)], strict=True)]
 
 
