@@ -84,6 +84,22 @@ def test_apply_loads_the_nftables_table_and_reapplying_changes_nothing(ns: str) 
         assert nft_ruleset(fresh) == loaded
 
 
+def test_apply_over_a_first_load_cut_short_loads_everything(ns: str) -> None:
+    """A first load killed between its transactions leaves every table made, some of them
+    still empty: the next load replaces them all, as if nothing had been there."""
+    rendered = kpgen(ns, "render", "-f", SEED, *SEED_FLAGS).stdout
+    tables = kpgen_apply._nft_tables(rendered)
+    assert len(tables) >= 2
+    heads = "".join("\n".join(table.split("\n", 2)[:2]) + "\n}\n" for table in tables)
+    assert 'table ip kpgen {\n\tcomment "rules for kpgen"\n}\n' in heads
+    for step in (heads, tables[-1]):  # as the first load's transactions would
+        assert run_in(ns, "nft", "-f", "-", stdin=step).returncode == 0
+    assert kpgen(ns, "apply", "-f", SEED, *SEED_FLAGS).returncode == 0
+    with kernel.netns() as fresh:
+        assert run_in(fresh, "nft", "-f", "-", stdin=rendered).returncode == 0
+        assert nft_ruleset(ns) == nft_ruleset(fresh)
+
+
 def test_apply_check_validates_without_loading_anything(ns: str) -> None:
     for mode in ("nftables", "iptables"):
         result = kpgen(ns, "apply", "--check", "--proxy-mode", mode, "-f", SEED, *SEED_FLAGS)
