@@ -308,6 +308,34 @@ def test_a_slow_iptables_nft_load_comes_with_advice(ns: str) -> None:
     assert legacy.returncode == 0 and legacy.stderr == "", legacy.stderr
 
 
+BROKEN = textwrap.dedent(
+    """
+    from kpgen.dataplane import kernel
+    from kpgen.dataplane.apply import Nftables
+    from kpgen.core.model import IPFamily
+    table = "table ip {} {{\\n\\tchain a {{\\n\\t\\tcounter\\n\\t}}\\n}}\\n"
+    run = kernel.Nft.run
+    def failing(self, text, **kwargs):
+        if "kpgen-05" in text and "chain a" in text:
+            raise OSError(28, "No space left on device")
+        return run(self, text, **kwargs)
+    kernel.Nft.run = failing
+    nft = Nftables()
+    try:
+        nft.apply({IPFamily.V4: "".join(table.format(f"kpgen-{n:02d}") for n in range(8))})
+    except OSError as error:
+        print("raised:", error)
+    print("left:", sorted(nft.tables()))
+    """
+)
+
+
+def test_a_first_load_that_fails_for_any_reason_leaves_no_table(ns: str) -> None:
+    result = run_in(ns, sys.executable, "-c", BROKEN)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["raised: [Errno 28] No space left on device", "left: []"]
+
+
 def test_with_context_shows_the_named_line_and_its_neighbours() -> None:
     text = "".join(f"line {n}\n" for n in range(1, 11))
     shown = with_context("rules:6:1-4: Error: bad\n", text)

@@ -128,7 +128,7 @@ class Nftables(Nft):
         heads = [_NFT_TABLE_HEAD.match(text) for text in tables]
         self.run("".join(f"{head[0]}}}\n" for head in heads if head))
         pending = list(reversed(tables))
-        failures: list[DataplaneError] = []
+        failures: list[BaseException] = []
         lock = threading.Lock()
 
         def fill(nft: Nft) -> None:
@@ -139,7 +139,7 @@ class Nftables(Nft):
                     text = pending.pop()
                 try:
                     nft.run(text)
-                except DataplaneError as error:
+                except BaseException as error:  # any (a refusal, a full disk): all go again
                     with lock:
                         failures.append(error)
                     return
