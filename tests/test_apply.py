@@ -88,7 +88,7 @@ def test_apply_over_a_first_load_cut_short_loads_everything(ns: str) -> None:
     """A first load killed between its transactions leaves every table made, some of them
     still empty: the next load replaces them all, as if nothing had been there."""
     rendered = kpgen(ns, "render", "-f", SEED, *SEED_FLAGS).stdout
-    tables = kpgen_apply._nft_tables(rendered)
+    tables = [text for _, text in kpgen_apply._nft_tables(rendered)]
     assert len(tables) >= 2
     heads = "".join("\n".join(table.split("\n", 2)[:2]) + "\n}\n" for table in tables)
     assert 'table ip kpgen {\n\tcomment "rules for kpgen"\n}\n' in heads
@@ -360,7 +360,9 @@ def test_advice_is_for_iptables_nft_loads_slower_than_the_threshold() -> None:
 def test_rendered_text_is_split_into_its_tables_or_not_at_all() -> None:
     one = 'table ip kpgen {\n\tcomment "rules for kpgen"\n\tchain a {\n\t}\n}\n'
     two = "table ip kpgen-03 {\n\tchain b {\n\t}\n}\n"
-    assert kpgen_apply._nft_tables(one + two) == [one, two]
+    split = kpgen_apply._nft_tables(one + two)
+    assert [text for _, text in split] == [one, two]
+    assert [head[1] for head, _ in split] == ["ip kpgen", "ip kpgen-03"]
     # anything before the first table: loaded as it is, in one transaction
     assert kpgen_apply._nft_tables("add table ip other\n" + one) == []
     assert kpgen_apply._nft_tables("") == []

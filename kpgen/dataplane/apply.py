@@ -86,10 +86,11 @@ class Nftables(Nft):
         contexts at once (see :meth:`_create`).
         """
         existing_tables = self.tables()
-        split = [_nft_tables(text) for text in tables.values()]
-        if not existing_tables and not check and all(split):
-            self._create([table for texts in split for table in texts])
-            return
+        if not existing_tables and not check:
+            split = [_nft_tables(text) for text in tables.values()]
+            if all(split):
+                self._create([table for texts in split for table in texts])
+                return
         script, after = [], []
         for family, text in tables.items():
             existing = self.objects(family, existing_tables)
@@ -115,8 +116,8 @@ class Nftables(Nft):
             script.append(text)
         self.run("".join(script + after), check=check)
 
-    def _create(self, tables: Sequence[str]) -> None:
-        """Create the tables of rendered text ``tables`` (a table's text each), none of which
+    def _create(self, tables: Sequence[tuple[re.Match[str], str]]) -> None:
+        """Create the tables of rendered text ``tables`` (:func:`_nft_tables`), none of which
         exists: first all of them empty, in their order, in one transaction; then each filled
         in a transaction of its own, :data:`CREATORS` at a time. libnftables turns one table's
         text into netlink messages while the kernel commits another's (the binding releases
@@ -125,9 +126,8 @@ class Nftables(Nft):
         new ones; while it runs, a service answers once its table is filled. All or nothing
         still: if a table is refused, all of them are deleted again and the first refusal is
         raised."""
-        heads = [_NFT_TABLE_HEAD.match(text) for text in tables]
-        self.run("".join(f"{head[0]}}}\n" for head in heads if head))
-        pending = list(reversed(tables))
+        self.run("".join(f"{head[0]}}}\n" for head, _ in tables))
+        pending = [text for _, text in reversed(tables)]
         failures: list[BaseException] = []
         lock = threading.Lock()
 
@@ -156,7 +156,7 @@ class Nftables(Nft):
                 thread.join()
         if failures:
             try:
-                self.run("".join(f"delete table {head[1]}\n" for head in heads if head))
+                self.run("".join(f"delete table {head[1]}\n" for head, _ in tables))
             finally:  # the refusal, not a failed clean-up (which it then carries as context)
                 raise failures[0]
 
@@ -168,13 +168,15 @@ class Nftables(Nft):
         return existing
 
 
-def _nft_tables(text: str) -> list[str]:
-    """The tables of rendered nft text, a table's text each; none if the text holds anything
-    before its first table (it is then loaded as it is, in one transaction)."""
-    starts = [match.start() for match in _NFT_TABLE_HEAD.finditer(text)]
-    if not starts or text[: starts[0]].strip():
+def _nft_tables(text: str) -> list[tuple[re.Match[str], str]]:
+    """The tables of rendered nft text: each table's head (:data:`_NFT_TABLE_HEAD`) and its
+    text; none if the text holds anything before its first table (it is then loaded as it
+    is, in one transaction)."""
+    heads = list(_NFT_TABLE_HEAD.finditer(text))
+    if not heads or text[: heads[0].start()].strip():
         return []
-    return [text[a:b] for a, b in zip(starts, [*starts[1:], len(text)], strict=True)]
+    ends = [head.start() for head in heads[1:]] + [len(text)]
+    return [(head, text[head.start() : end]) for head, end in zip(heads, ends, strict=True)]
 
 
 def _nft_objects(text: str) -> dict[str, set[str]]:

@@ -157,16 +157,22 @@ class Store:
         whose version is new is a change at once, so that the controller can parse it while
         the rest arrives (:meth:`take_objects`). ``seen``: the keys of this list so far, for
         :meth:`previewed`."""
+        entries = [(_key(obj), typed(kind, obj)) for obj in page]
         with self._cond:
-            versions = self._versions[kind]
-            for obj in page:
-                key, entry = _key(obj), typed(kind, obj)
+            for key, entry in entries:
                 seen.add(key)
-                new = version(entry)
-                if versions.get(key) != new:
-                    versions[key] = new
-                    self._note(kind, key, entry)
+                self._set(kind, key, entry)
             self._cond.notify_all()
+
+    def _set(self, kind: str, key: tuple[str, str], entry: dict[str, Any]) -> bool:
+        """``entry`` as the object of ``kind`` at ``key`` (under the lock): whether it is a
+        new version (then noted as a change)."""
+        new, versions = version(entry), self._versions[kind]
+        if versions.get(key) == new:
+            return False
+        versions[key] = new
+        self._note(kind, key, entry)
+        return True
 
     def previewed(self, kind: str, seen: set[tuple[str, str]]) -> None:
         """The first list of ``kind`` is complete, its pages seen by :meth:`preview` (keys
@@ -196,16 +202,12 @@ class Store:
         key = _key(obj)
         entry = typed(kind, obj) if event != "DELETED" else None
         with self._cond:
-            versions = self._versions[kind]
             if entry is None:
-                if versions.pop(key, None) is None:
+                if self._versions[kind].pop(key, None) is None:
                     return
-            else:
-                new = version(entry)
-                if versions.get(key) == new:
-                    return
-                versions[key] = new
-            self._note(kind, key, entry, deleted=entry is None)
+                self._note(kind, key, None, deleted=True)
+            elif not self._set(kind, key, entry):
+                return
             self._cond.notify_all()
         self._on_change()
 
