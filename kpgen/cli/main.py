@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import click
 
 from kpgen import missing_module
+from kpgen.cli.halves import SPLIT_MIN_BYTES, SPLIT_MIN_DOCUMENTS, Rendered, render_halves
 from kpgen.controller.logs import setup_logging
 from kpgen.core.model import IPFamily
 from kpgen.core.node import PRIMARY, ConfigError, NodeConfig, NodeFlags, ProxyMode
@@ -23,9 +24,9 @@ from kpgen.core.parse import ParseResult, parse_documents
 from kpgen.core.plan import build_plans
 from kpgen.dataplane.apply import ApplyError, apply_plans, cleanup
 from kpgen.inputs.config import node_settings
-from kpgen.inputs.manifests import InputError, load_documents
+from kpgen.inputs.manifests import InputError, decode_manifests, load_documents, read_manifests
 from kpgen.lab.cli import lab_group
-from kpgen.render.text import IPTABLES_JUMPS, render, render_plan
+from kpgen.render.text import IPTABLES_JUMPS, render_plan
 
 F = TypeVar("F", bound=Callable[..., Any])
 EXIT_INPUT = 2
@@ -166,19 +167,27 @@ class Inputs:
         except ApiListError as error:
             raise InputError(f"cannot list the cluster: {error}") from None
 
+    def loader(self, node: NodeConfig) -> tuple[Callable[[], list[Any]], bool]:
+        """A function that gives the documents (the manifests are read now, decoded by the
+        function), and whether they are many: worth two cores (:mod:`kpgen.cli.halves`)."""
+        if self.kubeconfig:
+            documents = self.documents(node)
+            return (lambda: documents), len(documents) >= SPLIT_MIN_DOCUMENTS
+        texts = read_manifests(list(self.sources))
+        size = sum(len(text) for _, text in texts)
+        return (lambda: decode_manifests(texts)), size >= SPLIT_MIN_BYTES
 
-def _read_inputs(inputs: Inputs, node: NodeConfig, verbose: int) -> ParseResult:
+
+def _start_reading(inputs: Inputs) -> None:
     # A one-shot command builds a large heap of objects that all live to the end: the cyclic
     # garbage collector would only walk it again and again (half the time of parsing 10,000
     # services, three quarters of decoding their YAML; docs/performance.md).
     gc.disable()
     if not inputs:
         _fail("no objects to read: give -f MANIFESTS or --kubeconfig FILE")
-    try:
-        documents = inputs.documents(node)
-    except InputError as error:
-        _fail(str(error))
-    result = parse_documents(documents)
+
+
+def _report(result: ParseResult, verbose: int) -> ParseResult:
     for problem in result.problems:
         click.echo(f"kpgen: warning: {problem}", err=True)
     for kind, count in sorted(result.ignored.items()):
@@ -187,6 +196,35 @@ def _read_inputs(inputs: Inputs, node: NodeConfig, verbose: int) -> ParseResult:
         for skipped in result.skipped:
             click.echo(f"kpgen: note: {skipped}", err=True)
     return result
+
+
+def _read_inputs(inputs: Inputs, node: NodeConfig, verbose: int) -> ParseResult:
+    _start_reading(inputs)
+    try:
+        documents = inputs.documents(node)
+    except InputError as error:
+        _fail(str(error))
+    return _report(parse_documents(documents), verbose)
+
+
+def _rendered(inputs: Inputs, node: NodeConfig, verbose: int) -> Rendered:
+    """The node's rules for the inputs, made on two cores where that gives the same rules
+    (:mod:`kpgen.cli.halves`), else in this process."""
+    _start_reading(inputs)
+    try:
+        load, many = inputs.loader(node)
+        rendered, documents = render_halves(load, node, many)
+    except InputError as error:
+        _fail(str(error))
+    if rendered is not None:
+        _report(rendered.result, verbose)
+        return rendered
+    result = _report(parse_documents(documents), verbose)
+    plans = build_plans(result.state, node)
+    tables = {}
+    if node.mode is ProxyMode.NFTABLES:
+        tables = {plan.family: render_plan(plan, node.mode) for plan in plans}
+    return Rendered(result, plans, tables, sum(len(plan.ports) for plan in plans))
 
 
 def _node(options: dict[str, Any], config: Any = None) -> NodeConfig:
@@ -278,11 +316,10 @@ def render_command(
     """
     inputs = Inputs(sources, kubeconfig, master)
     node = _node(options)
-    result = _read_inputs(inputs, node, verbose)
     if node.mode is ProxyMode.IPTABLES:
-        click.echo(iptables_text(result.state, node), nl=False)
+        click.echo(iptables_text(_read_inputs(inputs, node, verbose).state, node), nl=False)
     else:
-        click.echo(render(result.state, node), nl=False)
+        click.echo(_rendered(inputs, node, verbose).text, nl=False)
 
 
 JUMPS_NOTE = """\
@@ -341,13 +378,15 @@ def apply_command(
     """
     inputs = Inputs(sources, kubeconfig, master)
     node = _node(options)
-    result = _read_inputs(inputs, node, verbose)
+    rendered = _rendered(inputs, node, verbose)
     try:
         applied = apply_plans(
-            build_plans(result.state, node),
+            rendered.plans,
             node.mode,
             check=check,
             iptables_variant=iptables_backend,
+            nft_tables=rendered.tables or None,
+            ports=rendered.ports,
         )
     except ApplyError as error:
         click.echo(f"kpgen: the rules were not loaded: {error}", err=True)

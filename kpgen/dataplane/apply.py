@@ -324,13 +324,15 @@ def apply_plans(
     check: bool = False,
     iptables_variant: str = "auto",
     nft_tables: Mapping[IPFamily, str] | None = None,
+    ports: int | None = None,
 ) -> Applied:
     """Load the plans' rules in ``mode`` and remove the other mode's, holding the writer lock
     from the first read of the kernel's state to the last write. ``nft_tables``: the plans'
-    nftables tables, rendered already."""
+    nftables tables, rendered already; ``ports``: how many service ports they hold, when the
+    plans do not hold them (:mod:`kpgen.cli.halves`)."""
     require_root()
     with writer_lock():
-        return _apply_plans(plans, mode, check, iptables_variant, nft_tables)
+        return _apply_plans(plans, mode, check, iptables_variant, nft_tables, ports)
 
 
 def _apply_plans(
@@ -339,6 +341,7 @@ def _apply_plans(
     check: bool,
     iptables_variant: str,
     nft_tables: Mapping[IPFamily, str] | None = None,
+    ports: int | None = None,
 ) -> Applied:
     families = [plan.family for plan in plans]
     variant, loading = None, 0.0
@@ -359,7 +362,7 @@ def _apply_plans(
                         Iptables(stale, plan.family).cleanup()
         loading = time.monotonic() - started
         done = f"iptables-{variant}"
-    services = sum(len(p.ports) for p in plans)
+    services = sum(len(p.ports) for p in plans) if ports is None else ports
     advice = None if variant is None else slow_load_advice(variant, loading, services)
     if check:
         summary = f"{done}: the kernel accepts the rules (nothing was changed)"

@@ -153,15 +153,31 @@ def _stdin(stream: TextIO) -> str:
     return stream.read()
 
 
-def load_documents(sources: list[str], stdin: TextIO | None = None) -> list[Any]:
-    """Every API object in ``sources`` (paths, directories, or "-" for standard input)."""
-    documents: list[Any] = []
+Source = tuple[str, str]
+"""(name, text) of one manifest file or of standard input."""
+
+
+def read_manifests(sources: list[str], stdin: TextIO | None = None) -> list[Source]:
+    """The text of every manifest in ``sources`` (paths, directories, or "-" for standard
+    input), not yet decoded."""
+    texts: list[Source] = []
     for source in sources:
         if source == "-":
-            texts: Iterator[tuple[str, str]] = iter([("<stdin>", _stdin(stdin or sys.stdin))])
+            texts.append(("<stdin>", _stdin(stdin or sys.stdin)))
         else:
-            texts = _files(source)
-        for name, text in texts:
-            for doc in _decode(text, name):
-                documents.extend(_unwrap(doc))
+            texts.extend(_files(source))
+    return texts
+
+
+def decode_manifests(texts: list[Source]) -> list[Any]:
+    """Every API object in manifests read by :func:`read_manifests`."""
+    documents: list[Any] = []
+    for name, text in texts:
+        for doc in _decode(text, name):
+            documents.extend(_unwrap(doc))
     return documents
+
+
+def load_documents(sources: list[str], stdin: TextIO | None = None) -> list[Any]:
+    """Every API object in ``sources`` (paths, directories, or "-" for standard input)."""
+    return decode_manifests(read_manifests(sources, stdin))

@@ -179,10 +179,11 @@ NFT_CONTAINERS = (
 )
 NFT_SHARED = frozenset({"cluster-ips", "hairpin-endpoints"})
 NFT_SHARD_CONTAINERS = frozenset({"service-ips", "service-nodeports"})
+NFT_NODE_CONTAINERS = tuple(name for name in NFT_CONTAINERS if name not in NFT_SHARD_CONTAINERS)
 _CONTAINER_NAMES = {name: name for name in NFT_CONTAINERS}
 
 
-def _element_address(element: str) -> tuple[int, bytes]:
+def element_order(element: str) -> tuple[int, bytes]:
     """The order of elements by their (first) address: IPv4 before IPv6, then numeric. The
     address was rendered from a parsed one: inet_pton reads it, faster than ipaddress."""
     address = element.split(" ", 1)[0]
@@ -217,29 +218,44 @@ def nft_elements(
             if container in found:
                 found[container].append(element)
     for name in NFT_SHARED & found.keys():
-        found[name] = sorted(set(found[name]), key=_element_address)
+        found[name] = sorted(set(found[name]), key=element_order)
     return found
+
+
+def nft_shard_tables(plan: FamilyPlan, ports: Sequence[NftPort]) -> dict[int, str]:
+    """The shard tables of these service ports (in plan order), each whole, by number."""
+    renderer = nft_port_renderer(plan)
+    by_shard: dict[int, list[NftPort]] = {}
+    for port in ports:
+        if port.in_shard:
+            by_shard.setdefault(port.shard, []).append(port)
+    return {
+        shard: str(
+            renderer.shard(
+                names.nft_shard_table(shard),
+                nft_elements(by_shard[shard], NFT_SHARD_CONTAINERS),
+                [port.objects for port in by_shard[shard] if port.objects],
+            )
+        )
+        for shard in sorted(by_shard)
+    }
+
+
+def render_nft_tables(
+    plan: FamilyPlan, elements_of: Mapping[str, Sequence[str]], shard_tables: Mapping[int, str]
+) -> str:
+    """The family's nftables tables: the node-wide one with these elements of its sets and
+    maps (:data:`NFT_NODE_CONTAINERS`), then the shard tables in order."""
+    template = _environment().get_template(TEMPLATES[ProxyMode.NFTABLES])
+    shards = [shard_tables[shard] for shard in sorted(shard_tables)]
+    return template.render(plan=plan, elements_of=elements_of, shards=shards)
 
 
 def render_nft_table(plan: FamilyPlan, ports: Sequence[NftPort]) -> str:
     """The family's nftables tables (the node-wide one, then the shard tables in order),
     assembled from its service ports' shares."""
-    template = _environment().get_template(TEMPLATES[ProxyMode.NFTABLES])
-    by_shard: dict[int, list[NftPort]] = {}
-    for port in ports:
-        if port.in_shard:
-            by_shard.setdefault(port.shard, []).append(port)
-    shards = [
-        (
-            names.nft_shard_table(shard),
-            nft_elements(by_shard[shard], NFT_SHARD_CONTAINERS),
-            [port.objects for port in by_shard[shard] if port.objects],
-        )
-        for shard in sorted(by_shard)
-    ]
-    node_wide = [name for name in NFT_CONTAINERS if name not in NFT_SHARD_CONTAINERS]
-    elements_of = nft_elements(ports, node_wide)
-    return template.render(plan=plan, elements_of=elements_of, shards=shards)
+    elements_of = nft_elements(ports, NFT_NODE_CONTAINERS)
+    return render_nft_tables(plan, elements_of, nft_shard_tables(plan, ports))
 
 
 @dataclass(frozen=True)
