@@ -7,8 +7,10 @@ cannot be read at all exits 2 with one line. No traceback reaches the user.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import gc
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -294,6 +296,35 @@ def main() -> None:
     """
 
 
+_COMMAND = False  # whether this process is the kpgen command itself (see entry())
+
+
+def entry() -> None:
+    """The kpgen command: the console script and ``python -m kpgen``."""
+    global _COMMAND
+    _COMMAND = True
+    main(prog_name="kpgen")
+
+
+def _exit_without_freeing() -> None:
+    """Once a one-shot command has written everything: at exit, let the kernel free its heap
+    with the process instead of Python freeing it object by object (0.12 s of ``kpgen
+    render`` at 10,000 services). Only in the kpgen command: a caller of :func:`main`, a test,
+    goes on living."""
+    if _COMMAND:
+        atexit.register(_exit_now)
+
+
+def _exit_now() -> None:
+    code = 0
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: what Python's own exit would say
+            code = 120
+    os._exit(code)
+
+
 @main.command("render")
 @input_options
 @node_options
@@ -320,6 +351,7 @@ def render_command(
         click.echo(iptables_text(_read_inputs(inputs, node, verbose).state, node), nl=False)
     else:
         click.echo(_rendered(inputs, node, verbose).text, nl=False)
+    _exit_without_freeing()
 
 
 JUMPS_NOTE = """\
@@ -394,6 +426,7 @@ def apply_command(
     click.echo(f"kpgen: {applied.summary}", err=True)
     if applied.advice:
         click.echo(f"kpgen: warning: {applied.advice}", err=True)
+    _exit_without_freeing()
 
 
 @main.command("cleanup")

@@ -33,7 +33,6 @@ from typing import Any
 
 from kpgen.core.names import NFT_TABLE, is_nft_table
 from kpgen.dataplane.run import DEVNULL, STDOUT, Completed, Started, ToolError, run, spawn, tool
-from kpgen.lab import podserver
 from kpgen.lab.state import STATE_ROOT, Process, State, StateDir, start_time
 from kpgen.lab.topology import (
     BRIDGE,
@@ -220,6 +219,8 @@ class Lab:
             return self._serve(state, name, label, port)
 
     def _serve(self, state: State, name: str, label: str, port: int) -> int:
+        from kpgen.lab import podserver  # here: its http.server would slow every kpgen command
+
         self.state_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.state_dir / f"{label}-{port}.log"
         ready = self.state_dir / f"{label}-{port}.ready"
@@ -382,8 +383,10 @@ class Lab:
         with _tool_errors():
             for name in ("ip", "sysctl"):
                 tool(name)
-        if not os.access(podserver.POD_PYTHON, os.X_OK):
-            raise LabError(f"{podserver.POD_PYTHON} is missing: the pods' HTTP servers run on it")
+        from kpgen.lab.podserver import POD_PYTHON
+
+        if not os.access(POD_PYTHON, os.X_OK):
+            raise LabError(f"{POD_PYTHON} is missing: the pods' HTTP servers run on it")
         if not SEED.exists():
             raise LabError(f"the seed cluster {SEED} is missing")
         with self._locked() as state:
