@@ -22,12 +22,8 @@ every other document by one, whose problems and skips are reported in document o
 
 from __future__ import annotations
 
-import contextlib
 import heapq
 import os
-import pickle
-import signal
-import threading
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +49,7 @@ from kpgen.core.parse import (
     service_claims,
 )
 from kpgen.core.plan import FamilyPlan, build_plans, family_plan, port_order
+from kpgen.dataplane.run import can_fork, forked
 from kpgen.render.text import (
     NFT_NODE_CONTAINERS,
     NFT_SHARED,
@@ -202,31 +199,13 @@ def _make_half(
     return half
 
 
-def _child(load: Callable[[], Sequence[Any]], node: NodeConfig, out: int) -> None:
-    """The forked child's whole life: its half, pickled into the pipe ``out``; it never returns
-    (nor runs the parent's clean-up: its exit code says whether it sent a half)."""
-    code = 1
-    try:
-        documents = load()
-        _, theirs, shared = split(documents)
-        half = _make_half(documents, theirs, 1, node, shared)
-        half.plans, half.nodes = (), ()  # the parent has its own
-        with os.fdopen(out, "wb") as pipe:
-            pickle.dump(half, pipe, protocol=pickle.HIGHEST_PROTOCOL)
-        code = 0
-    finally:
-        os._exit(code)
-
-
-def _other_half(pid: int, pipe: int) -> _Half | None:
-    """The child's half, or None when it did not send one whole."""
-    with os.fdopen(pipe, "rb") as stream:
-        data = stream.read()
-    _, status = os.waitpid(pid, 0)
-    if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0 or not data:
-        return None
-    half = pickle.loads(data)  # our own child's bytes
-    return half if isinstance(half, _Half) else None
+def _child_half(load: Callable[[], Sequence[Any]], node: NodeConfig) -> _Half:
+    """The forked child's half (its plans and Nodes: the parent has its own)."""
+    documents = load()
+    _, theirs, shared = split(documents)
+    half = _make_half(documents, theirs, 1, node, shared)
+    half.plans, half.nodes = (), ()
+    return half
 
 
 def _cores() -> int:
@@ -243,33 +222,14 @@ def render_halves(
     forked child (which decodes them too, while this process does: ``many`` says they are
     worth it), and those documents. The rules are None when the documents were not split or
     the halves could differ from the whole: the caller then makes them in one process."""
-    if (
-        not many
-        or node.mode is not ProxyMode.NFTABLES
-        or not hasattr(os, "fork")
-        or _cores() < 2
-        or threading.active_count() > 1  # a lock another thread holds stays held in a child
-    ):
+    if not many or node.mode is not ProxyMode.NFTABLES or _cores() < 2 or not can_fork():
         return None, load()
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child; its half is checked in the parent
-        os.close(read_end)
-        _child(load, node, write_end)
-    os.close(write_end)
-    other: _Half | None = None
-    try:
+    with forked(lambda: _child_half(load, node)) as other_half:
         documents = load()
         mine, _, _ = split(documents)
         own = _make_half(documents, mine, 0, node, frozenset())
-        other = _other_half(pid, read_end)
-    finally:
-        if other is None:  # the child failed, or this process did: leave no child behind
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
-    if other is None or own.differs or other.differs:
+        other = other_half()
+    if not isinstance(other, _Half) or own.differs or other.differs:
         return None, documents
     if own.claims & other.claims or own.slices & other.slices:
         return None, documents

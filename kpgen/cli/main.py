@@ -24,10 +24,8 @@ from kpgen.core.model import IPFamily
 from kpgen.core.node import PRIMARY, ConfigError, NodeConfig, NodeFlags, ProxyMode
 from kpgen.core.parse import ParseResult, parse_documents
 from kpgen.core.plan import build_plans
-from kpgen.dataplane.apply import ApplyError, apply_plans, cleanup
 from kpgen.inputs.config import node_settings
 from kpgen.inputs.manifests import InputError, decode_manifests, load_documents, read_manifests
-from kpgen.lab.cli import lab_group
 from kpgen.render.text import IPTABLES_JUMPS, render_plan
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -175,9 +173,9 @@ class Inputs:
         if self.kubeconfig:
             documents = self.documents(node)
             return (lambda: documents), len(documents) >= SPLIT_MIN_DOCUMENTS
-        texts = read_manifests(list(self.sources))
-        size = sum(len(text) for _, text in texts)
-        return (lambda: decode_manifests(texts)), size >= SPLIT_MIN_BYTES
+        manifests = read_manifests(list(self.sources))
+        size = sum(len(content) for _, content in manifests)
+        return (lambda: decode_manifests(manifests)), size >= SPLIT_MIN_BYTES
 
 
 def _start_reading(inputs: Inputs) -> None:
@@ -270,7 +268,18 @@ def _no_traceback(command: F) -> F:
 
 class _Group(click.Group):
     """A group whose command list shows each command's first sentence whole, wrapped (click
-    would cut it to one line with "...")."""
+    would cut it to one line with "..."), and whose ``lab`` commands are imported when used
+    (16 ms that every other command would pay at start)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), "lab"})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name == "lab" and name not in self.commands:
+            from kpgen.lab.cli import lab_group
+
+            self.add_command(lab_group)
+        return super().get_command(ctx, name)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = []
@@ -408,6 +417,8 @@ def apply_command(
     The rules kpgen loaded before are replaced in one kernel transaction; the other proxy
     mode's rules are removed. If the kernel refuses the rules, nothing changes.
     """
+    from kpgen.dataplane.apply import ApplyError, apply_plans
+
     inputs = Inputs(sources, kubeconfig, master)
     node = _node(options)
     rendered = _rendered(inputs, node, verbose)
@@ -440,6 +451,8 @@ def apply_command(
 @_no_traceback
 def cleanup_command(proxy_mode: str) -> None:
     """Remove every rule, chain and table kpgen created here, and nothing else."""
+    from kpgen.dataplane.apply import ApplyError, cleanup
+
     modes = list(ProxyMode) if proxy_mode == "all" else [ProxyMode(proxy_mode)]
     try:
         removed = cleanup(modes, list(IPFamily))
@@ -500,9 +513,6 @@ def run_command(verbose: int, log_format: str | None, **options: Any) -> None:
     except ValueError as error:
         _fail(str(error))
     sys.exit(run(node, settings))
-
-
-main.add_command(lab_group)
 
 
 def _kube_proxy_config(config_file: str | None) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 from dataclasses import dataclass
+from typing import NamedTuple
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -88,9 +89,9 @@ class SessionAffinity(enum.Enum):
 DEFAULT_AFFINITY_TIMEOUT = 10800
 
 
-@dataclass(frozen=True, order=True, slots=True)
-class ObjectRef:
-    """namespace/name of an API object."""
+class ObjectRef(NamedTuple):
+    """namespace/name of an API object. A named tuple: compared, hashed and sorted in C
+    (10,000 services are sorted by it several times on their way to the rules)."""
 
     namespace: str
     name: str

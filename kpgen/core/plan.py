@@ -39,6 +39,11 @@ class Backend:
     port: int
     node_name: str | None = None
     is_local: bool = False
+    host: str = field(init=False, compare=False, repr=False)
+    """The address as the rules spell it, made once (the templates spell it three times)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "host", str(self.address))
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +74,8 @@ class PortPlan:
     also the ClusterIP stays a ClusterIP (one address, protocol and port: one rule)."""
     endpoints: tuple[Backend, ...] = field(init=False, compare=False)
     """Every endpoint some traffic may reach."""
+    key: str = field(init=False, compare=False)
+    """A readable, unique name: ``namespace/name/protocol/port`` (in every chain's name)."""
 
     def __post_init__(self) -> None:
         addresses = dict.fromkeys((*self.external_ips, *self.load_balancer_ips))
@@ -78,11 +85,8 @@ class PortPlan:
             endpoints = self.cluster_endpoints
         object.__setattr__(self, "external_addresses", tuple(addresses))
         object.__setattr__(self, "endpoints", endpoints)
-
-    @property
-    def key(self) -> str:
-        """A readable, unique name: ``namespace/name/protocol/port``."""
-        return f"{self.service}/{self.port.protocol.lower}/{self.port.port}"
+        key = f"{self.service}/{self.port.protocol.lower}/{self.port.port}"
+        object.__setattr__(self, "key", key)
 
     @property
     def port_name(self) -> str:

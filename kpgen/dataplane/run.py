@@ -9,6 +9,9 @@
 - ``netns=NAME`` runs a tool inside a named network namespace (``ip netns exec``), by the same
   rules (the lab's machines and pods, kpgen/lab/).
 
+- :func:`forked` runs a function in a forked child and hands back what it returned (the
+  one-shot commands' second core, kpgen/cli/halves.py).
+
 The only module of kpgen that starts processes (tests/test_layout.py checks it).
 """
 
@@ -16,10 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import shutil
 import signal
 import subprocess
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
@@ -147,3 +152,52 @@ def spawn(
         return subprocess.Popen(command, **options)
     except OSError as error:
         raise ToolError(f"{_describe(_in_netns(argv, netns))}: {error.strerror or error}") from None
+
+
+def can_fork() -> bool:
+    """Whether a forked child could run Python code here: a POSIX system, and no other thread
+    in this process (a lock another thread holds would stay held in the child for good)."""
+    return hasattr(os, "fork") and threading.active_count() == 1
+
+
+@contextlib.contextmanager
+def forked(work: Callable[[], Any]) -> Iterator[Callable[[], Any]]:
+    """Run ``work`` in a forked child while the caller goes on (only where :func:`can_fork`).
+    Yields a function that waits for the child and returns what ``work`` returned (pickled
+    through a pipe), or None when the child failed in any way. The child never returns into
+    the caller's code, nor runs its clean-up: it ends with ``os._exit``. Leaving the block
+    kills and reaps a child that is still running, so none is left behind."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child; what it sends is checked in the parent
+        code = 1
+        try:
+            os.close(read_end)
+            value = work()
+            with os.fdopen(write_end, "wb") as pipe:
+                pickle.dump(value, pipe, protocol=pickle.HIGHEST_PROTOCOL)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    reaped = False
+
+    def result() -> Any:
+        nonlocal reaped
+        with os.fdopen(read_end, "rb", closefd=False) as stream:
+            data = stream.read()
+        _, status = os.waitpid(pid, 0)
+        reaped = True
+        if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0 or not data:
+            return None
+        return pickle.loads(data)  # our own child's bytes
+
+    try:
+        yield result
+    finally:
+        os.close(read_end)
+        if not reaped:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)

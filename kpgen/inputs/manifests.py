@@ -117,22 +117,29 @@ def _unwrap(doc: Any) -> Iterator[Any]:
         yield doc
 
 
-def _text(name: str, data: bytes) -> str:
+Source = tuple[str, bytes | str]
+"""(name, content) of one manifest file or of standard input, read but not decoded: UTF-8
+is decoded with the rest (in both halves of kpgen/cli/halves.py)."""
+
+
+def _text(name: str, data: bytes | str) -> str:
+    if isinstance(data, str):
+        return data
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         raise InputError(f"cannot read {name}: not UTF-8 text") from None
 
 
-def _read(path: Path) -> str:
+def _read(path: Path) -> bytes:
     try:
-        return _text(str(path), path.read_bytes())
+        return path.read_bytes()
     except OSError as error:
         raise InputError(f"cannot read {path}: {error.strerror or error}") from None
 
 
-def _files(source: str) -> Iterator[tuple[str, str]]:
-    """(name, text) of a file, or of a directory's manifest files (not recursive)."""
+def _files(source: str) -> Iterator[Source]:
+    """(name, content) of a file, or of a directory's manifest files (not recursive)."""
     path = Path(source)
     if not path.is_dir():
         yield source, _read(path)
@@ -146,34 +153,28 @@ def _files(source: str) -> Iterator[tuple[str, str]]:
             yield str(entry), _read(entry)
 
 
-def _stdin(stream: TextIO) -> str:
+def _stdin(stream: TextIO) -> bytes | str:
     binary = getattr(stream, "buffer", None)
-    if binary is not None:
-        return _text("<stdin>", binary.read())
-    return stream.read()
-
-
-Source = tuple[str, str]
-"""(name, text) of one manifest file or of standard input."""
+    return binary.read() if binary is not None else stream.read()
 
 
 def read_manifests(sources: list[str], stdin: TextIO | None = None) -> list[Source]:
-    """The text of every manifest in ``sources`` (paths, directories, or "-" for standard
+    """The content of every manifest in ``sources`` (paths, directories, or "-" for standard
     input), not yet decoded."""
-    texts: list[Source] = []
+    found: list[Source] = []
     for source in sources:
         if source == "-":
-            texts.append(("<stdin>", _stdin(stdin or sys.stdin)))
+            found.append(("<stdin>", _stdin(stdin or sys.stdin)))
         else:
-            texts.extend(_files(source))
-    return texts
+            found.extend(_files(source))
+    return found
 
 
-def decode_manifests(texts: list[Source]) -> list[Any]:
+def decode_manifests(manifests: list[Source]) -> list[Any]:
     """Every API object in manifests read by :func:`read_manifests`."""
     documents: list[Any] = []
-    for name, text in texts:
-        for doc in _decode(text, name):
+    for name, content in manifests:
+        for doc in _decode(_text(name, content), name):
             documents.extend(_unwrap(doc))
     return documents
 

@@ -20,7 +20,7 @@ import jinja2
 from kpgen.core import names
 from kpgen.core.model import ClusterState, IPAddress, IPFamily
 from kpgen.core.node import NodeConfig, ProxyMode
-from kpgen.core.plan import FamilyPlan, PortPlan, build_plans
+from kpgen.core.plan import Backend, FamilyPlan, PortPlan, build_plans
 
 TEMPLATES = {ProxyMode.NFTABLES: "nftables.nft.j2", ProxyMode.IPTABLES: "iptables.rules.j2"}
 
@@ -104,12 +104,13 @@ def _host(address: IPAddress) -> str:
     return f"{address}/{address.max_prefixlen}"
 
 
-def _hostport(address: IPAddress, port: int) -> str:
-    return f"{address}:{port}" if address.version == 4 else f"[{address}]:{port}"
+def _hostport(backend: Backend) -> str:
+    host = backend.host
+    return f"[{host}]:{backend.port}" if ":" in host else f"{host}:{backend.port}"
 
 
-def _hairpin(address: IPAddress) -> str:
-    return f"{address} . {address}"
+def _hairpin(backend: Backend) -> str:
+    return f"{backend.host} . {backend.host}"
 
 
 CHECKOUT_TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
