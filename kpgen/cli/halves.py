@@ -49,7 +49,6 @@ from kpgen.core.parse import (
     service_claims,
 )
 from kpgen.core.plan import FamilyPlan, build_plans, family_plan, port_order
-from kpgen.dataplane.run import can_fork, forked
 from kpgen.render.text import (
     NFT_NODE_CONTAINERS,
     NFT_SHARED,
@@ -222,6 +221,8 @@ def render_halves(
     forked child (which decodes them too, while this process does: ``many`` says they are
     worth it), and those documents. The rules are None when the documents were not split or
     the halves could differ from the whole: the caller then makes them in one process."""
+    from kpgen.dataplane.run import can_fork, forked  # here: subprocess's imports are slow
+
     if not many or node.mode is not ProxyMode.NFTABLES or _cores() < 2 or not can_fork():
         return None, load()
     with forked(lambda: _child_half(load, node)) as other_half:

@@ -25,7 +25,13 @@ from kpgen.core.node import PRIMARY, ConfigError, NodeConfig, NodeFlags, ProxyMo
 from kpgen.core.parse import ParseResult, parse_documents
 from kpgen.core.plan import build_plans
 from kpgen.inputs.config import node_settings
-from kpgen.inputs.manifests import InputError, decode_manifests, load_documents, read_manifests
+from kpgen.inputs.manifests import (
+    InputError,
+    decode_manifests,
+    load_documents,
+    manifests_size,
+    read_manifests,
+)
 from kpgen.render.text import IPTABLES_JUMPS, render_plan
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -174,8 +180,8 @@ class Inputs:
             documents = self.documents(node)
             return (lambda: documents), len(documents) >= SPLIT_MIN_DOCUMENTS
         manifests = read_manifests(list(self.sources))
-        size = sum(len(content) for _, content in manifests)
-        return (lambda: decode_manifests(manifests)), size >= SPLIT_MIN_BYTES
+        many = manifests_size(manifests) >= SPLIT_MIN_BYTES
+        return (lambda: decode_manifests(manifests)), many
 
 
 def _start_reading(inputs: Inputs) -> None:

@@ -13,6 +13,7 @@ import ipaddress
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from kpgen.core.model import (
     ClusterState,
@@ -53,6 +54,7 @@ class PortPlan:
     ``cluster_endpoints`` serve traffic under a Cluster policy (ready ones, narrowed by topology
     hints; serving-and-terminating ones when none is ready), ``local_endpoints`` traffic under a
     Local policy (this node's ready ones; its serving-and-terminating ones when none is ready).
+    Both are in :func:`backend_order`, as :func:`usable_endpoints` gives them.
     """
 
     service: ObjectRef
@@ -80,9 +82,9 @@ class PortPlan:
     def __post_init__(self) -> None:
         addresses = dict.fromkeys((*self.external_ips, *self.load_balancer_ips))
         addresses.pop(self.cluster_ip, None)
-        endpoints = tuple(sorted({*self.cluster_endpoints, *self.local_endpoints}))
-        if endpoints == self.cluster_endpoints:  # the usual case: one tuple kept, not two
-            endpoints = self.cluster_endpoints
+        endpoints = self.cluster_endpoints  # the usual case: one tuple kept, not two
+        if self.local_endpoints and not set(self.local_endpoints) <= set(endpoints):
+            endpoints = tuple(sorted({*endpoints, *self.local_endpoints}, key=backend_order))
         object.__setattr__(self, "external_addresses", tuple(addresses))
         object.__setattr__(self, "endpoints", endpoints)
         key = f"{self.service}/{self.port.protocol.lower}/{self.port.port}"
@@ -164,8 +166,14 @@ class FamilyPlan:
         return tuple(sorted({b.address for p in self.ports for b in p.endpoints}))
 
 
-@dataclass(frozen=True, slots=True)
-class _Candidate:
+def backend_order(backend: Backend) -> tuple[int, int]:
+    """The order of a service port's endpoints (all of one family): by address, then port.
+    The same order as Backend's own, computed once per endpoint rather than per comparison
+    (an address compares in Python)."""
+    return (int(backend.address), backend.port)
+
+
+class _Candidate(NamedTuple):
     endpoint: Endpoint
     backend: Backend
 
@@ -173,7 +181,7 @@ class _Candidate:
 def _candidates(port: ServicePort, slices: list[EndpointSlice], hostname: str) -> list[_Candidate]:
     """Every endpoint of the service's slices for ``port``, matched by port name and
     protocol (the slice's port number is the DNAT target), without duplicates."""
-    found: dict[tuple[IPAddress, int], _Candidate] = {}
+    found: dict[tuple[str, int], _Candidate] = {}
     for endpoint_slice in slices:
         target = next(
             (
@@ -189,7 +197,7 @@ def _candidates(port: ServicePort, slices: list[EndpointSlice], hostname: str) -
             backend = Backend(
                 endpoint.address, target, endpoint.node_name, endpoint.node_name == hostname
             )
-            found.setdefault((endpoint.address, target), _Candidate(endpoint, backend))
+            found.setdefault((backend.host, target), _Candidate(endpoint, backend))
     return list(found.values())
 
 
@@ -213,12 +221,15 @@ def _usable(candidates: Iterable[_Candidate]) -> tuple[Backend, ...]:
     pool = list(candidates)
     ready = [c.backend for c in pool if c.endpoint.conditions.is_ready]
     if ready:
-        return tuple(sorted(ready))
+        return tuple(sorted(ready, key=backend_order))
     return tuple(
         sorted(
-            c.backend
-            for c in pool
-            if c.endpoint.conditions.is_serving and c.endpoint.conditions.is_terminating
+            (
+                c.backend
+                for c in pool
+                if c.endpoint.conditions.is_serving and c.endpoint.conditions.is_terminating
+            ),
+            key=backend_order,
         )
     )
 

@@ -14,8 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-import yaml_rs
-
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 # A line that starts or ends a document. YAML forbids such a line inside a document's content
 # (even in a block or quoted scalar), so a stream splits at them exactly.
@@ -40,6 +38,8 @@ def decode_yaml(text: str, source: str) -> list[Any]:
     wins; ``<<`` merge keys expanded), or :class:`InputError` naming ``source``, the line and
     the problem. yaml-rs, a Rust parser, decodes 10,000 services in a tenth of PyYAML's time
     and a third of its memory (docs/performance.md)."""
+    import yaml_rs  # here: JSON input, the API's own, does without it
+
     documents = []
     for first_line, chunk in _documents(text.removeprefix("\ufeff")):
         try:
@@ -117,32 +117,39 @@ def _unwrap(doc: Any) -> Iterator[Any]:
         yield doc
 
 
-Source = tuple[str, bytes | str]
-"""(name, content) of one manifest file or of standard input, read but not decoded: UTF-8
-is decoded with the rest (in both halves of kpgen/cli/halves.py)."""
+Source = tuple[str, bytes | str | Path]
+"""(name, content) of one manifest, not yet decoded: standard input's bytes (or text), or a
+file's path, read with the decoding (in both halves of kpgen/cli/halves.py, at once)."""
 
 
-def _text(name: str, data: bytes | str) -> str:
-    if isinstance(data, str):
-        return data
+def _text(name: str, content: bytes | str | Path) -> str:
+    if isinstance(content, Path):
+        try:
+            content = content.read_bytes()
+        except OSError as error:
+            raise InputError(f"cannot read {name}: {error.strerror or error}") from None
+    if isinstance(content, str):
+        return content
     try:
-        return data.decode("utf-8")
+        return content.decode("utf-8")
     except UnicodeDecodeError:
         raise InputError(f"cannot read {name}: not UTF-8 text") from None
 
 
-def _read(path: Path) -> bytes:
+def _file(path: Path) -> Path:
+    """A manifest file that exists (read later, by :func:`decode_manifests`)."""
     try:
-        return path.read_bytes()
+        path.stat()
     except OSError as error:
         raise InputError(f"cannot read {path}: {error.strerror or error}") from None
+    return path
 
 
 def _files(source: str) -> Iterator[Source]:
-    """(name, content) of a file, or of a directory's manifest files (not recursive)."""
+    """(name, path) of a file, or of a directory's manifest files (not recursive)."""
     path = Path(source)
     if not path.is_dir():
-        yield source, _read(path)
+        yield source, _file(path)
         return
     try:
         entries = sorted(p for p in path.iterdir() if p.suffix in MANIFEST_SUFFIXES)
@@ -150,7 +157,7 @@ def _files(source: str) -> Iterator[Source]:
         raise InputError(f"cannot read {source}: {error.strerror or error}") from None
     for entry in entries:
         if entry.is_file():
-            yield str(entry), _read(entry)
+            yield str(entry), entry
 
 
 def _stdin(stream: TextIO) -> bytes | str:
@@ -159,8 +166,8 @@ def _stdin(stream: TextIO) -> bytes | str:
 
 
 def read_manifests(sources: list[str], stdin: TextIO | None = None) -> list[Source]:
-    """The content of every manifest in ``sources`` (paths, directories, or "-" for standard
-    input), not yet decoded."""
+    """Every manifest in ``sources`` (paths, directories, or "-" for standard input): standard
+    input read, files found (not read: :func:`decode_manifests` reads them)."""
     found: list[Source] = []
     for source in sources:
         if source == "-":
@@ -170,8 +177,13 @@ def read_manifests(sources: list[str], stdin: TextIO | None = None) -> list[Sour
     return found
 
 
+def manifests_size(manifests: list[Source]) -> int:
+    """How many bytes (or characters) the manifests hold."""
+    return sum(c.stat().st_size if isinstance(c, Path) else len(c) for _, c in manifests)
+
+
 def decode_manifests(manifests: list[Source]) -> list[Any]:
-    """Every API object in manifests read by :func:`read_manifests`."""
+    """Every API object in manifests found by :func:`read_manifests`."""
     documents: list[Any] = []
     for name, content in manifests:
         for doc in _decode(_text(name, content), name):
