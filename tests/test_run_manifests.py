@@ -5,6 +5,7 @@ and SIGTERM ends it with the rules left in place."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -210,6 +211,13 @@ def test_healthz_and_metrics_answer_once_synced(start: Callable[..., Running]) -
     assert "kubeproxy_sync_full_proxy_rules_duration_seconds_count 1.0" in metrics
     assert 'kubeproxy_proxy_healthz_total{code="200"} 1.0' in metrics
     assert "kubeproxy_sync_proxy_rules_nftables_sync_failures_total 0.0" in metrics
+    # the collector, off for the command's start (kpgen/__main__.py), runs again after the
+    # first sync: at least the full collection that follows it
+    full = r'python_gc_collections_total\{generation="2"\} (\d+)'
+    eventually(
+        lambda: float(re.findall(full, run.get(METRICS, "/metrics")[1])[0]) >= 1,
+        "a full collection after the first sync",
+    )
 
 
 def test_sigterm_exits_0_and_leaves_the_rules_in_place(start: Callable[..., Running]) -> None:

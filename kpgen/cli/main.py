@@ -311,11 +311,12 @@ def main() -> None:
     """
 
 
-_COMMAND = False  # whether this process is the kpgen command itself (see entry())
+_COMMAND = False  # whether this process is the kpgen command itself (see command())
 
 
-def entry() -> None:
-    """The kpgen command: the console script and ``python -m kpgen``."""
+def command() -> None:
+    """The kpgen command itself (kpgen/__main__.py): the console script and ``python -m
+    kpgen``."""
     global _COMMAND
     _COMMAND = True
     main(prog_name="kpgen")
@@ -508,6 +509,7 @@ def run_command(verbose: int, log_format: str | None, **options: Any) -> None:
     """
     from kpgen.controller.daemon import RunSettings, run
 
+    gc.enable()  # off for the one-shot commands (kpgen/__main__.py); the sync pauses it itself
     run_flags = {name: options.pop(name) for name in RunSettings.FLAGS}
     config = _kube_proxy_config(options["config_file"])
     node = _node(options, config)

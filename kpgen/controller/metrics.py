@@ -6,6 +6,7 @@ Each :class:`Metrics` has its own registry (no global state: tests make as many 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.gc_collector import GCCollector
 
 # kube-proxy's buckets for sync durations: exponential from 1 ms, 15 buckets.
 SYNC_BUCKETS = tuple(0.001 * 2**i for i in range(15))
@@ -23,6 +24,9 @@ class Metrics:
     def __init__(self, mode: str) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # python_gc_*: the cyclic collector's work (kpgen pauses it while it builds a state:
+        # docs/design.md), as kube-proxy shows its Go runtime's
+        GCCollector(registry=r)
 
         def histogram(name: str, doc: str, buckets: tuple[float, ...] = SYNC_BUCKETS) -> Histogram:
             return Histogram(name, doc, namespace="kubeproxy", registry=r, buckets=buckets)
