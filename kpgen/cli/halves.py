@@ -52,7 +52,6 @@ from kpgen.core.plan import FamilyPlan, build_plans, family_plan, port_order
 from kpgen.render.text import (
     NFT_NODE_CONTAINERS,
     NFT_SHARED,
-    element_order,
     nft_elements,
     nft_port_renderer,
     nft_shard_tables,
@@ -110,7 +109,7 @@ class _Tables:
     order."""
 
     shards: dict[int, str]
-    shared: Mapping[str, Sequence[str]]
+    shared: Mapping[str, Sequence[tuple[Any, str]]]
     ordered: Mapping[str, Sequence[tuple[Any, str]]]
     ports: int
 
@@ -183,7 +182,7 @@ def _make_half(
         orders = [port_order(port) for port in plan.ports]
         half.tables[plan.family] = _Tables(
             nft_shard_tables(plan, ports),
-            nft_elements(ports, _SHARED_CONTAINERS),
+            nft_elements(ports, _SHARED_CONTAINERS, keyed=True),
             {
                 name: [
                     (order, element)
@@ -258,8 +257,8 @@ def _assemble(own: _Half, other: _Half, node: NodeConfig) -> Rendered:
             for name in _ORDERED_CONTAINERS
         }
         for name in _SHARED_CONTAINERS:
-            merged = heapq.merge(mine.shared[name], theirs.shared[name], key=element_order)
-            elements_of[name] = list(dict.fromkeys(merged))
+            merged = heapq.merge(mine.shared[name], theirs.shared[name])
+            elements_of[name] = list(dict.fromkeys(element for _, element in merged))
         plans.append(plan)
         tables[family] = render_nft_tables(plan, elements_of, {**mine.shards, **theirs.shards})
         count += mine.ports + theirs.ports

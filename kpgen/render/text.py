@@ -209,17 +209,20 @@ def render_nft_port(renderer: Any, port: PortPlan) -> NftPort:
 
 
 def nft_elements(
-    ports: Iterable[NftPort], containers: Iterable[str] = NFT_CONTAINERS
-) -> dict[str, list[str]]:
+    ports: Iterable[NftPort], containers: Iterable[str] = NFT_CONTAINERS, *, keyed: bool = False
+) -> dict[str, list[Any]]:
     """The elements of the shared sets and maps (``containers``), from the ports' shares, in
-    the table's order."""
-    found: dict[str, list[str]] = {name: [] for name in containers}
+    the table's order; those several ports may share (:data:`NFT_SHARED`) each once, by
+    address, as ``(order, element)`` pairs when ``keyed`` (:func:`element_order`: two sorted
+    lists of pairs merge without computing it again)."""
+    found: dict[str, list[Any]] = {name: [] for name in containers}
     for port in ports:
         for container, element in port.elements:
             if container in found:
                 found[container].append(element)
     for name in NFT_SHARED & found.keys():
-        found[name] = sorted(set(found[name]), key=element_order)
+        pairs = sorted({(element_order(element), element) for element in found[name]})
+        found[name] = pairs if keyed else [element for _, element in pairs]
     return found
 
 
