@@ -79,6 +79,10 @@ class Rendered:
     plans: tuple[FamilyPlan, ...]
     tables: dict[IPFamily, str]
     ports: int
+    # what the rules were made of (the documents, the halves), kept with them: a one-shot
+    # command leaves it for the kernel to free at its exit, rather than free it object by
+    # object before it writes (60 ms at 10,000 services)
+    made_of: tuple[Any, ...] = field(default=(), repr=False)
 
     @property
     def text(self) -> str:
@@ -100,6 +104,12 @@ class _Half:
     tables: dict[IPFamily, _Tables] = field(default_factory=dict)
     plans: tuple[FamilyPlan, ...] = ()
     nodes: tuple[Node, ...] = ()
+    made_of: tuple[Any, ...] = ()  # its documents, parsed objects, ports' shares: kept
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What the child sends: not its plans and Nodes (the parent has its own), nor what
+        it was made of (which stays in the child until it exits, never freed)."""
+        return {**self.__dict__, "plans": (), "nodes": (), "made_of": ()}
 
 
 @dataclass
@@ -194,15 +204,17 @@ def _make_half(
             },
             len(ports),
         )
+        half.made_of += (ports,)
+    half.made_of += (outcomes, result)
     return half
 
 
 def _child_half(load: Callable[[], Sequence[Any]], node: NodeConfig) -> _Half:
-    """The forked child's half (its plans and Nodes: the parent has its own)."""
+    """The forked child's half."""
     documents = load()
     _, theirs, shared = split(documents)
     half = _make_half(documents, theirs, 1, node, shared)
-    half.plans, half.nodes = (), ()
+    half.made_of += (documents,)
     return half
 
 
@@ -229,11 +241,13 @@ def render_halves(
         mine, _, _ = split(documents)
         own = _make_half(documents, mine, 0, node, frozenset())
         other = other_half()
-    if not isinstance(other, _Half) or own.differs or other.differs:
-        return None, documents
-    if own.claims & other.claims or own.slices & other.slices:
-        return None, documents
-    return _assemble(own, other, node), documents
+        if not isinstance(other, _Half) or own.differs or other.differs:
+            return None, documents
+        if own.claims & other.claims or own.slices & other.slices:
+            return None, documents
+        rendered = _assemble(own, other, node)  # while the child exits
+    rendered.made_of = (documents, own, other)
+    return rendered, documents
 
 
 def _assemble(own: _Half, other: _Half, node: NodeConfig) -> Rendered:

@@ -230,7 +230,8 @@ def _rendered(inputs: Inputs, node: NodeConfig, verbose: int) -> Rendered:
     tables = {}
     if node.mode is ProxyMode.NFTABLES:
         tables = {plan.family: render_plan(plan, node.mode) for plan in plans}
-    return Rendered(result, plans, tables, sum(len(plan.ports) for plan in plans))
+    ports = sum(len(plan.ports) for plan in plans)
+    return Rendered(result, plans, tables, ports, made_of=(documents,))
 
 
 def _node(options: dict[str, Any], config: Any = None) -> NodeConfig:
@@ -322,12 +323,16 @@ def command() -> None:
     main(prog_name="kpgen")
 
 
-def _exit_without_freeing() -> None:
+_KEPT: list[Any] = []  # what the kpgen command leaves for the kernel to free
+
+
+def _exit_without_freeing(*kept: Any) -> None:
     """Once a one-shot command has written everything: at exit, let the kernel free its heap
     with the process instead of Python freeing it object by object (0.12 s of ``kpgen
-    render`` at 10,000 services). Only in the kpgen command: a caller of :func:`main`, a test,
-    goes on living."""
+    render`` at 10,000 services), the ``kept`` objects too (not freed as the command returns).
+    Only in the kpgen command: a caller of :func:`main`, a test, goes on living."""
     if _COMMAND:
+        _KEPT.extend(kept)
         atexit.register(_exit_now)
 
 
@@ -365,9 +370,11 @@ def render_command(
     node = _node(options)
     if node.mode is ProxyMode.IPTABLES:
         click.echo(iptables_text(_read_inputs(inputs, node, verbose).state, node), nl=False)
+        _exit_without_freeing()
     else:
-        click.echo(_rendered(inputs, node, verbose).text, nl=False)
-    _exit_without_freeing()
+        rendered = _rendered(inputs, node, verbose)
+        click.echo(rendered.text, nl=False)
+        _exit_without_freeing(rendered)
 
 
 JUMPS_NOTE = """\
@@ -444,7 +451,7 @@ def apply_command(
     click.echo(f"kpgen: {applied.summary}", err=True)
     if applied.advice:
         click.echo(f"kpgen: warning: {applied.advice}", err=True)
-    _exit_without_freeing()
+    _exit_without_freeing(rendered)
 
 
 @main.command("cleanup")

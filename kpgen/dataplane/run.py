@@ -163,10 +163,11 @@ def can_fork() -> bool:
 @contextlib.contextmanager
 def forked(work: Callable[[], Any]) -> Iterator[Callable[[], Any]]:
     """Run ``work`` in a forked child while the caller goes on (only where :func:`can_fork`).
-    Yields a function that waits for the child and returns what ``work`` returned (pickled
-    through a pipe), or None when the child failed in any way. The child never returns into
-    the caller's code, nor runs its clean-up: it ends with ``os._exit``. Leaving the block
-    kills and reaps a child that is still running, so none is left behind."""
+    Yields a function that waits for what ``work`` returned (pickled through a pipe) and
+    returns it, or None when the child failed in any way. The child never returns into the
+    caller's code, nor runs its clean-up: it ends with ``os._exit``, its heap never freed
+    object by object. Leaving the block reaps the child (killed first unless it sent its
+    value: its exit, the kernel freeing its memory, overlaps the caller's work until then)."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child; what it sends is checked in the parent
@@ -180,24 +181,25 @@ def forked(work: Callable[[], Any]) -> Iterator[Callable[[], Any]]:
         finally:
             os._exit(code)
     os.close(write_end)
-    reaped = False
+    sent = False
 
     def result() -> Any:
-        nonlocal reaped
+        nonlocal sent
         with os.fdopen(read_end, "rb", closefd=False) as stream:
             data = stream.read()
-        _, status = os.waitpid(pid, 0)
-        reaped = True
-        if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0 or not data:
+        try:
+            value = pickle.loads(data)  # our own child's bytes, whole only if it sent them all
+        except Exception:  # cut short: the child failed before it had written everything
             return None
-        return pickle.loads(data)  # our own child's bytes
+        sent = True
+        return value
 
     try:
         yield result
     finally:
         os.close(read_end)
-        if not reaped:
+        if not sent:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
