@@ -1,23 +1,26 @@
 """A one-shot command's nftables rules made on two cores: each process parses, plans and
 renders half of the services.
 
-``kpgen render`` and ``kpgen apply`` spend most of their time in Python (10,000 services x 5
-endpoints: parse 0.5 s, plan 0.2 s, render 0.5 s; docs/performance.md), one core at a time.
-A service's rules depend only on the service, its EndpointSlices and the node, so the decoded
-documents are split by service (namespace/name; an EndpointSlice goes with the service its
-``kubernetes.io/service-name`` label names): a forked child parses, plans and renders its
-half's service ports while this process does the other half, then sends its ports' shares
-(:class:`~kpgen.render.text.NftPort`, text) back through a pipe, and this process assembles the
-tables from both halves in plan order with :func:`~kpgen.render.text.render_nft_table`. The
-text is byte for byte the text of :func:`~kpgen.render.text.render` (tests/test_halves.py).
+``kpgen render`` and ``kpgen apply`` spent most of their time in Python, one core at a time
+(10,000 services x 5 endpoints: parse 0.5 s, plan 0.2 s, render 0.5 s; docs/performance.md).
+A service's rules depend only on the service, its EndpointSlices and the node, and its ports
+live in one of the shard tables (by a hash of namespace/name). So a forked child takes the
+services of the odd-numbered shard tables and this process the even ones (an EndpointSlice
+goes with the service its ``kubernetes.io/service-name`` label names; Nodes to both): each
+reads and decodes the whole input, at the same time, then parses, plans and renders its half
+and renders its shard tables whole. The child sends back its shard tables, its elements of
+the node-wide sets and maps, and what parsing said of its documents; this process renders the
+node-wide table from both halves' elements (:func:`~kpgen.render.text.render_nft_tables`).
+The text is byte for byte the text of :func:`~kpgen.render.text.render`
+(tests/test_halves.py).
 
 Where the halves could differ from the whole, nothing is split: :func:`render_halves` returns
-None and the caller renders in one process. That is when two services claim the same address
-or NodePort (which one wins depends on both: the API server never lets it happen, a set of
-manifests might), when two EndpointSlices of one namespace/name went to different halves,
-when the child fails in any way, and for input too small to be worth a fork, iptables mode, or
-a machine with one core. Nodes are parsed by both halves (a plan needs this node's Node);
-every other document by one, whose problems and skips are reported in document order.
+no rules and the caller makes them in one process. That is when two services claim the same
+address or NodePort (which one keeps it depends on both: the API server never lets it happen,
+a set of manifests might), when two EndpointSlices of one namespace/name went to different
+halves, when a port lands in the other half's shard tables, when the child fails in any way,
+and for input too small to be worth a fork, iptables mode, a machine with one core, or a
+process with another thread. Problems and skips are reported in document order, each once.
 """
 
 from __future__ import annotations
