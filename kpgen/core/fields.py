@@ -10,6 +10,7 @@ same way wherever it comes from.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import socket
@@ -193,10 +194,17 @@ class Field:
         """A member of ``enum_type``, by its API spelling."""
         text = self.string()
         try:
-            return enum_type(text)
+            return _member(enum_type, text)
         except ValueError:
             allowed = ", ".join(member.value for member in enum_type)
             raise self.invalid(f"{show(text)} is not one of {allowed}") from None
+
+
+@functools.cache
+def _member(enum_type: Any, text: str) -> Any:
+    """``enum_type(text)``, remembered: an enum finds a member by value in Python, and every
+    service, port and slice names a few (a refused value raises, and is not remembered)."""
+    return enum_type(text)
 
 
 _DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
