@@ -193,6 +193,18 @@ def test_a_child_that_fails_leaves_the_rules_to_one_process_and_no_child_behind(
         os.waitpid(-1, os.WNOHANG)  # no child left, not even a zombie
 
 
+def test_a_fork_the_system_refuses_leaves_the_rules_to_one_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    documents = cluster_of(30)
+
+    def refused() -> int:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "fork", refused)
+    assert render_halves(lambda: documents, NODE, many=True) == (None, documents)
+
+
 def test_a_port_in_the_other_halfs_shard_tables_leaves_the_rules_to_one_process(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

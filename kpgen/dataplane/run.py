@@ -167,9 +167,16 @@ def forked(work: Callable[[], Any]) -> Iterator[Callable[[], Any]]:
     returns it, or None when the child failed in any way. The child never returns into the
     caller's code, nor runs its clean-up: it ends with ``os._exit``, its heap never freed
     object by object. Leaving the block reaps the child (killed first unless it sent its
-    value: its exit, the kernel freeing its memory, overlaps the caller's work until then)."""
+    value: its exit, the kernel freeing its memory, overlaps the caller's work until then).
+    A fork the system refuses (no memory, a process limit) is a child that failed."""
     read_end, write_end = os.pipe()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(read_end)
+        os.close(write_end)
+        yield lambda: None
+        return
     if pid == 0:  # pragma: no cover - the child; what it sends is checked in the parent
         code = 1
         try:
