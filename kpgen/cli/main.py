@@ -369,8 +369,9 @@ def render_command(
     inputs = Inputs(sources, kubeconfig, master)
     node = _node(options)
     if node.mode is ProxyMode.IPTABLES:
-        click.echo(iptables_text(_read_inputs(inputs, node, verbose).state, node), nl=False)
-        _exit_without_freeing()
+        parsed = _read_inputs(inputs, node, verbose)
+        click.echo(iptables_text(parsed.state, node), nl=False)
+        _exit_without_freeing(parsed)
     else:
         rendered = _rendered(inputs, node, verbose)
         click.echo(rendered.text, nl=False)
