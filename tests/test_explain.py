@@ -26,14 +26,14 @@ from click.testing import CliRunner
 from golden.cases import CASES, SEED, golden_path
 
 from kpgen.cli.main import main
-from kpgen.core.model import ClusterState, IPAddress, IPFamily
+from kpgen.core.model import ClusterState, IPAddress, IPFamily, hostport
 from kpgen.core.node import NodeConfig, NodeFlags, ProxyMode, node_config
 from kpgen.core.parse import parse_documents
 from kpgen.core.plan import FamilyPlan, build_plans
 from kpgen.dataplane.kernel import iptables_tool
 from kpgen.explain import answers as ex
 from kpgen.explain.nft_json import read_nft_json
-from kpgen.explain.rules import PROTOCOLS, Dnat, Ruleset, hostport, parse_nft
+from kpgen.explain.rules import PROTOCOLS, Dnat, Ruleset, parse_nft
 from kpgen.explain.trace import Locality, Packet
 from kpgen.inputs.manifests import load_documents
 from kpgen.render.text import render, render_plan

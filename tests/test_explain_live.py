@@ -36,12 +36,11 @@ from test_explain import (
 )
 
 from kpgen.cli.main import main
-from kpgen.core.model import IPFamily
+from kpgen.core.model import IPFamily, hostport
 from kpgen.core.names import nft_shard, nft_shard_table
 from kpgen.core.node import SETTING_NAMES, NodeFlags
 from kpgen.core.plan import build_plans
 from kpgen.explain import answers as ex
-from kpgen.explain.rules import hostport
 from kpgen.explain.trace import Locality
 
 MODES = ("nftables", "iptables")

@@ -20,6 +20,12 @@ SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
 ZONE_LABEL = "topology.kubernetes.io/zone"
 
 
+def hostport(address: object, port: int) -> str:
+    """``10.0.0.1:80``, ``[fd00::1]:80``: how nft, iptables and explain write a destination."""
+    host = str(address)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class IPFamily(enum.Enum):
     """An IP family, with the spellings each tool uses for it."""
 

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
 from typing import Any
 
-from kpgen.core.model import ClusterState, IPAddress, IPFamily, IPNetwork, Service
+from kpgen.core.model import ClusterState, IPAddress, IPFamily, IPNetwork, Service, hostport
 from kpgen.core.names import IPT_PREFIX, NFT_TABLE
 from kpgen.core.node import NodeConfig, ProxyMode
 from kpgen.core.plan import FamilyPlan, PortPlan, build_plans
@@ -53,7 +53,6 @@ from kpgen.explain.rules import (
     RuleSyntaxError,
     Verdict,
     exact_key,
-    hostport,
     parse_iptables,
     parse_nft,
     read_iptables_line,

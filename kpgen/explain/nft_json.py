@@ -47,7 +47,7 @@ import ipaddress
 import json
 from typing import Any
 
-from kpgen.core.model import IPFamily
+from kpgen.core.model import IPFamily, hostport
 from kpgen.core.names import NFT_TABLE, is_nft_table
 from kpgen.explain.rules import (
     MARK_OPS,
@@ -70,7 +70,6 @@ from kpgen.explain.rules import (
     Unknown,
     Verdict,
     VerdictMap,
-    hostport,
     mark_statement,
     parse_pattern,
     protocol_match,

@@ -667,11 +667,6 @@ def _verdict(words: list[str]) -> Verdict | None:
     return None
 
 
-def hostport(address: object, port: int) -> str:
-    """``10.0.0.1:80``, ``[fd00::1]:80``: how nft, iptables and explain write a destination."""
-    return f"[{address}]:{port}" if ":" in str(address) else f"{address}:{port}"
-
-
 def dnat_to(target: str) -> Dnat:
     """``ADDRESS``, ``ADDRESS:PORT`` or ``[IPV6-ADDRESS]:PORT``, as nft's ``dnat to`` and
     iptables' ``--to-destination`` write it."""

@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from kpgen.core.model import hostport
 from kpgen.explain.answers import (
     Explanation,
     Outcome,
@@ -17,7 +18,6 @@ from kpgen.explain.answers import (
     Status,
     outcome_line,
 )
-from kpgen.explain.rules import hostport
 from kpgen.explain.trace import percent
 
 WIDTH = 80

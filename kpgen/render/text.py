@@ -18,7 +18,7 @@ from typing import Any
 import jinja2
 
 from kpgen.core import names
-from kpgen.core.model import ClusterState, IPAddress, IPFamily
+from kpgen.core.model import ClusterState, IPAddress, IPFamily, hostport
 from kpgen.core.node import NodeConfig, ProxyMode
 from kpgen.core.plan import Backend, FamilyPlan, PortPlan, build_plans
 
@@ -105,8 +105,7 @@ def _host(address: IPAddress) -> str:
 
 
 def _hostport(backend: Backend) -> str:
-    host = backend.host
-    return f"[{host}]:{backend.port}" if ":" in host else f"{host}:{backend.port}"
+    return hostport(backend.host, backend.port)
 
 
 def _hairpin(backend: Backend) -> str:
