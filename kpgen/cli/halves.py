@@ -38,18 +38,19 @@ from kpgen.core.model import (
     EndpointSlice,
     IPFamily,
     Node,
+    ObjectRef,
     Service,
 )
 from kpgen.core.names import nft_shard
 from kpgen.core.node import NodeConfig, ProxyMode
 from kpgen.core.parse import (
+    Claim,
     Outcome,
     ParseResult,
     Problem,
     Skipped,
     assemble,
     parse_object,
-    service_claims,
 )
 from kpgen.core.plan import FamilyPlan, build_plans, family_plan, port_order
 from kpgen.render.text import (
@@ -173,7 +174,8 @@ def _make_half(
     """Parse, plan and render the documents at ``indices`` as half ``number`` (the notes of
     ``unreported`` ones are the other half's to report)."""
     outcomes = [(index, parse_object(documents[index])) for index in indices]
-    result = assemble(outcome for _, outcome in outcomes)
+    owners: dict[Claim, ObjectRef] = {}  # what its services claim
+    result = assemble((outcome for _, outcome in outcomes), owners)
     half = _Half()
     half.notes = [
         (index, outcome)
@@ -184,7 +186,7 @@ def _make_half(
     half.differs = len(result.problems) > parse_problems  # conflicts were found
     # hash() of a claim (addresses, enums, ints) and of an ObjectRef is the same in a forked
     # child; two equal hashes of different values only make the caller render in one process
-    half.claims = {hash(claim) for s in result.state.services for claim in service_claims(s)}
+    half.claims = {hash(claim) for claim in owners}
     half.slices = {hash(endpoint_slice.ref) for endpoint_slice in result.state.slices}
     half.plans = build_plans(result.state, node)
     half.nodes = result.state.nodes
@@ -192,19 +194,15 @@ def _make_half(
         renderer = nft_port_renderer(plan)
         ports = [render_nft_port(renderer, port) for port in plan.ports]
         half.differs |= any(port.shard & 1 != number for port in ports)
-        orders = [port_order(port) for port in plan.ports]
+        ordered: dict[str, list[tuple[Any, str]]] = {name: [] for name in _ORDERED_CONTAINERS}
+        for port_plan, port in zip(plan.ports, ports, strict=True):
+            for container, element in port.elements:
+                if container in ordered:
+                    ordered[container].append((port_order(port_plan), element))
         half.tables[plan.family] = _Tables(
             nft_shard_tables(plan, ports),
             nft_elements(ports, _SHARED_CONTAINERS, keyed=True),
-            {
-                name: [
-                    (order, element)
-                    for order, port in zip(orders, ports, strict=True)
-                    for container, element in port.elements
-                    if container == name
-                ]
-                for name in _ORDERED_CONTAINERS
-            },
+            ordered,
             len(ports),
         )
         half.made_of += (ports,)

@@ -455,13 +455,18 @@ def _age(service: Service) -> tuple[bool, str, ObjectRef]:
     return (stamp is None, stamp or "", service.ref)
 
 
-def resolve_conflicts(services: Iterable[Service], problems: list[Problem]) -> list[Service]:
+def resolve_conflicts(
+    services: Iterable[Service],
+    problems: list[Problem],
+    owners: dict[Claim, ObjectRef] | None = None,
+) -> list[Service]:
     """Keep the first service (oldest, then by name) of any that claim the same address.
 
     Two services may not share a NodePort, nor an address, protocol and port: the API
-    server prevents it, but a set of manifests may not have been through one.
+    server prevents it, but a set of manifests may not have been through one. ``owners``,
+    when given, is filled with what the kept services claim, and which claims each.
     """
-    owners: dict[Claim, ObjectRef] = {}
+    owners = {} if owners is None else owners
     kept = []
     for service in sorted(services, key=_age):
         claims = service_claims(service)
@@ -510,10 +515,12 @@ def parse_object(doc: Any) -> Outcome:
         return Problem(_display_ref(doc, kind), kind, error.field, error.problem)
 
 
-def assemble(outcomes: Iterable[Outcome]) -> ParseResult:
+def assemble(
+    outcomes: Iterable[Outcome], owners: dict[Claim, ObjectRef] | None = None
+) -> ParseResult:
     """The cluster state of parsed objects: conflicts resolved, everything sorted. Of two
     objects with one kind and namespace/name, the later one wins, as a later ``kubectl
-    apply`` would."""
+    apply`` would. ``owners``: as :func:`resolve_conflicts` fills it."""
     result = ParseResult(ClusterState())
     parsed: dict[tuple[type, ObjectRef], Service | EndpointSlice | Node] = {}
     for outcome in outcomes:
@@ -527,7 +534,7 @@ def assemble(outcomes: Iterable[Outcome]) -> ParseResult:
             parsed[(type(outcome), outcome.ref)] = outcome
     services = [o for o in parsed.values() if isinstance(o, Service)]
     slices = [o for o in parsed.values() if isinstance(o, EndpointSlice)]
-    services = resolve_conflicts(services, result.problems)
+    services = resolve_conflicts(services, result.problems, owners)
     result.state = ClusterState(
         services=tuple(sorted(services, key=lambda s: s.ref)),
         slices=tuple(sorted(slices, key=lambda s: s.ref)),
